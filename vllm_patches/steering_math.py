@@ -1,0 +1,111 @@
+"""The SteerMoE edit as plain torch: the one definition every other path is checked against.
+
+No vLLM import here. The engine op (`steering_ops`), the Triton kernel and the Hugging Face
+reference in the tests all compare against these functions.
+
+Definition (SteerMoE, arXiv 2509.09660): for one token with router logits z over E experts,
+s = log_softmax(z); experts to activate get s_e = max(s) + eps, experts to deactivate get
+s_e = min(s) - eps; the model's own routing (softmax, top-k, renormalisation) then runs on s.
+
+Because log_softmax(z) = z - logsumexp(z) only shifts the row, doing the same edit on z gives
+a row that differs from the edited s by that same constant, so softmax and every top-k over
+it are unchanged. `steer_router_logits` therefore edits the raw logits, which keeps the
+untouched entries of a steered row bit-identical and costs no exp/log.
+
+Rounding: a logit written back in bf16 must still be strictly above the old maximum (below
+the old minimum). eps is therefore raised per row to twice the dtype's relative resolution at
+the value it moves from: effective_eps = max(eps, 2 * finfo(dtype).eps * max(|v|, 1)). For
+fp32 logits this never changes eps = 0.01; for bf16 logits around 5 it gives 0.078.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACTIVATE = 1
+DEACTIVATE = -1
+
+
+def effective_eps(eps: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """eps raised so that `value +/- eps` stays distinct from `value` after rounding to dtype."""
+    resolution = 2.0 * torch.finfo(dtype).eps
+    return torch.maximum(eps, resolution * value.abs().clamp_min(1.0))
+
+
+def steer_router_logits(
+    router_logits: torch.Tensor,
+    token_profiles: torch.Tensor,
+    layer_masks: torch.Tensor,
+    eps: torch.Tensor,
+) -> torch.Tensor:
+    """Return router logits with each token's activate/deactivate mask applied.
+
+    router_logits: [T, E'] float (any float dtype); only the first E columns are experts
+        that can be steered (E = layer_masks.shape[1]); extra columns pass through.
+    token_profiles: [T] integer; row p of layer_masks applies to the token; 0 = not steered.
+    layer_masks: [P, E] int8; +1 activate, -1 deactivate, 0 leave; row 0 is all zero.
+    eps: [P] float32, the margin per profile.
+    Rows with profile 0, or whose mask row is all zero, are returned bit-identical.
+    """
+    num_experts = layer_masks.shape[1]
+    out = router_logits.clone()
+    steered = token_profiles != 0
+    if not bool(steered.any()):
+        return out
+    rows = steered.nonzero().squeeze(1)
+    profiles = token_profiles[rows].long()
+    masks = layer_masks[profiles]
+    z = router_logits[rows, :num_experts].float()
+    row_eps = eps[profiles].float().unsqueeze(1)
+    z_max = z.amax(dim=1, keepdim=True)
+    z_min = z.amin(dim=1, keepdim=True)
+    high = z_max + effective_eps(row_eps, z_max, router_logits.dtype)
+    low = z_min - effective_eps(row_eps, z_min, router_logits.dtype)
+    edited = torch.where(masks == ACTIVATE, high, torch.where(masks == DEACTIVATE, low, z))
+    # Up- then down-casting is exact, so entries left alone keep their original bits.
+    out[rows, :num_experts] = edited.to(router_logits.dtype)
+    return out
+
+
+def steer_log_probs(
+    router_logits: torch.Tensor,
+    activate: list[int],
+    deactivate: list[int],
+    eps: float,
+) -> torch.Tensor:
+    """The method exactly as the paper states it, for one layer and all rows: edited log-probs.
+
+    Used as the reference in tests (softmax of the result = the routing probabilities the
+    paper's implementation sees). Computes in float32.
+    """
+    s = torch.log_softmax(router_logits.float(), dim=-1)
+    s_max = s.amax(dim=-1, keepdim=True)
+    s_min = s.amin(dim=-1, keepdim=True)
+    s = s.clone()
+    if activate:
+        s[:, activate] = (s_max + eps).expand(-1, len(activate))
+    if deactivate:
+        s[:, deactivate] = (s_min - eps).expand(-1, len(deactivate))
+    return s
+
+
+def steer_selection_scores(
+    scores: torch.Tensor,
+    activate: list[int],
+    deactivate: list[int],
+    eps: float,
+) -> torch.Tensor:
+    """The edit on selection scores of a non-softmax router (sigmoid + bias, sparsemixer input).
+
+    For routers whose selection is not a softmax of the logits, steering is defined on the
+    scores the router ranks experts by: activated experts rank above every other expert,
+    deactivated ones below. See `vllm_patches/ROUTERS.md`.
+    """
+    out = scores.float().clone()
+    s_max = out.amax(dim=-1, keepdim=True)
+    s_min = out.amin(dim=-1, keepdim=True)
+    if activate:
+        out[:, activate] = (s_max + eps).expand(-1, len(activate))
+    if deactivate:
+        out[:, deactivate] = (s_min - eps).expand(-1, len(deactivate))
+    return out
