@@ -32,26 +32,18 @@ def effective_eps(eps: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) ->
     return torch.maximum(eps, resolution * value.abs().clamp_min(1.0))
 
 
-def steer_router_logits(
+def _steered_rows(
     router_logits: torch.Tensor,
     token_profiles: torch.Tensor,
     layer_masks: torch.Tensor,
     eps: torch.Tensor,
-) -> torch.Tensor:
-    """Return router logits with each token's activate/deactivate mask applied.
-
-    router_logits: [T, E'] float (any float dtype); only the first E columns are experts
-        that can be steered (E = layer_masks.shape[1]); extra columns pass through.
-    token_profiles: [T] integer; row p of layer_masks applies to the token; 0 = not steered.
-    layer_masks: [P, E] int8; +1 activate, -1 deactivate, 0 leave; row 0 is all zero.
-    eps: [P] float32, the margin per profile.
-    Rows with profile 0, or whose mask row is all zero, are returned bit-identical.
-    """
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(indices of steered rows, their edited first E columns in the input dtype), or None."""
     num_experts = layer_masks.shape[1]
-    out = router_logits.clone()
+    token_profiles = token_profiles[: router_logits.shape[0]]
     steered = token_profiles != 0
     if not bool(steered.any()):
-        return out
+        return None
     rows = steered.nonzero().squeeze(1)
     profiles = token_profiles[rows].long()
     masks = layer_masks[profiles]
@@ -63,8 +55,43 @@ def steer_router_logits(
     low = z_min - effective_eps(row_eps, z_min, router_logits.dtype)
     edited = torch.where(masks == ACTIVATE, high, torch.where(masks == DEACTIVATE, low, z))
     # Up- then down-casting is exact, so entries left alone keep their original bits.
-    out[rows, :num_experts] = edited.to(router_logits.dtype)
+    return rows, edited.to(router_logits.dtype)
+
+
+def steer_router_logits(
+    router_logits: torch.Tensor,
+    token_profiles: torch.Tensor,
+    layer_masks: torch.Tensor,
+    eps: torch.Tensor,
+) -> torch.Tensor:
+    """Return router logits with each token's activate/deactivate mask applied.
+
+    router_logits: [T, E'] float (any float dtype); only the first E columns are experts
+        that can be steered (E = layer_masks.shape[1]); extra columns pass through.
+    token_profiles: [>= T] integer; row p of layer_masks applies to token t; 0 = not steered.
+    layer_masks: [P, E] int8; +1 activate, -1 deactivate, 0 leave; row 0 is all zero.
+    eps: [P] float32, the margin per profile.
+    Rows with profile 0, or whose mask row is all zero, are returned bit-identical.
+    """
+    out = router_logits.clone()
+    steered = _steered_rows(router_logits, token_profiles, layer_masks, eps)
+    if steered is not None:
+        rows, edited = steered
+        out[rows, : layer_masks.shape[1]] = edited
     return out
+
+
+def steer_router_logits_(
+    router_logits: torch.Tensor,
+    token_profiles: torch.Tensor,
+    layer_masks: torch.Tensor,
+    eps: torch.Tensor,
+) -> None:
+    """In-place `steer_router_logits`: only steered rows are written."""
+    steered = _steered_rows(router_logits, token_profiles, layer_masks, eps)
+    if steered is not None:
+        rows, edited = steered
+        router_logits[rows, : layer_masks.shape[1]] = edited
 
 
 def steer_log_probs(

