@@ -15,9 +15,14 @@ import numpy as np
 import torch
 
 from vllm_patches import steering_ops
-from vllm_patches.request_steering import CAPTURE_ID_KEY, CAPTURE_KEY, RESOLVED_KEY, ResolvedSteering
+from vllm_patches.request_steering import (
+    CAPTURE_ID_KEY,
+    CAPTURE_KEY,
+    RESOLVED_KEY,
+    ResolvedSteering,
+)
 from vllm_patches.routing_capture import RoutingRecorder
-from vllm_patches.steering_table import StepPlan, SteeringTable
+from vllm_patches.steering_table import SteeringTable, StepPlan
 
 
 @dataclass
@@ -100,7 +105,7 @@ class EngineSteering:
         self.table.prepare_step(plan, lambda r: steering_of(extra_args_of(r)), live_requests)
         entries = []
         start = 0
-        for req_id, count, first in zip(plan.req_ids, num_tokens, first_positions):
+        for req_id, count, first in zip(plan.req_ids, num_tokens, first_positions, strict=True):
             if req_id not in self._capture_ids:
                 self._capture_ids[req_id] = capture_id_of(req_id, extra_args_of(req_id))
             capture_id = self._capture_ids[req_id]

@@ -12,10 +12,14 @@ runner. A new release should need changes here only. Hooks, all installed by `in
 - `MoERunner._maybe_dispatch`: called once per MoE layer forward with this rank's router logits
   in batch order, before any expert kernel (modular or monolithic): the routing edit.
 - `Worker.steermoe_take_routing`: the RPC behind `routing_capture.fetch_routing`.
+- `VllmConfig.compute_hash`: mixes a hash of this package's engine-side code into vLLM's
+  compile-cache key, so a graph compiled without the hooks (or with older hooks) is never
+  loaded from vLLM's cache into an engine that steers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -78,6 +82,7 @@ def check_vllm_version() -> str:
 
 
 def _internals() -> dict[str, tuple[Any, str]]:
+    from vllm.config import VllmConfig
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
     from vllm.v1.engine.input_processor import InputProcessor
@@ -85,6 +90,7 @@ def _internals() -> dict[str, tuple[Any, str]]:
     from vllm.v1.worker.gpu_worker import Worker
 
     return {
+        "VllmConfig.compute_hash": (VllmConfig, "compute_hash"),
         "MoERunner._maybe_dispatch": (MoERunner, "_maybe_dispatch"),
         "MoERunner.layer_id": (MoERunner, "layer_id"),
         "BaseRouter.set_capture_fn": (BaseRouter, "set_capture_fn"),
@@ -342,6 +348,31 @@ def _install_worker_hooks() -> None:
     setattr(Worker, TAKE_METHOD, steermoe_take_routing)
 
 
+def code_hash() -> str:
+    """Hash of the modules whose code runs inside compiled model graphs."""
+    from vllm_patches import engine_steering, steering_math, steering_ops
+
+    digest = hashlib.sha256()
+    for module in (engine_steering, steering_math, steering_ops):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def _install_compile_cache_key() -> None:
+    from vllm.config import VllmConfig
+
+    original = VllmConfig.compute_hash
+    ours = code_hash()
+
+    def compute_hash(self, *args, **kwargs):
+        base = original(self, *args, **kwargs)
+        mixed = hashlib.sha256(f"{base}|steermoe:{ours}".encode()).hexdigest()
+        return mixed[: len(base)]
+
+    VllmConfig.compute_hash = compute_hash
+
+
 _INSTALLED = False
 
 
@@ -357,4 +388,5 @@ def install() -> None:
     runtime_dir()
     _install_frontend_hooks()
     _install_worker_hooks()
+    _install_compile_cache_key()
     _INSTALLED = True
