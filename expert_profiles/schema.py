@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -50,11 +51,17 @@ def _normalise_sets(value: Any) -> ExpertSets:
     if not isinstance(value, dict):
         raise ValueError("must be an object mapping layer index to a list of expert indices")
     out: ExpertSets = {}
+    seen: set[int] = set()
     for layer, experts in value.items():
-        try:
+        if isinstance(layer, int) and not isinstance(layer, bool):
+            layer_index = layer
+        elif isinstance(layer, str) and re.fullmatch(r"0|[1-9][0-9]*", layer):
             layer_index = int(layer)
-        except (TypeError, ValueError):
-            raise ValueError(f"layer key {layer!r} is not an integer") from None
+        else:
+            raise ValueError(f"layer key {layer!r} is not a decimal layer index")
+        if layer_index in seen:
+            raise ValueError(f"layer {layer_index} is listed twice")
+        seen.add(layer_index)
         if layer_index < 0:
             raise ValueError(f"layer {layer_index} is negative")
         if not isinstance(experts, list) or not all(
@@ -118,6 +125,12 @@ class ExpertSteering(BaseModel):
                         f"{kind}: layer {layer} names experts {bad}, "
                         f"the model has {shape.num_experts} experts per layer"
                     )
+        for layer, experts in self.deactivate.items():
+            if len(experts) > shape.num_experts - shape.top_k:
+                raise ProfileMismatchError(
+                    f"deactivate: layer {layer} deactivates {len(experts)} of "
+                    f"{shape.num_experts} experts; at least top-k ({shape.top_k}) must remain"
+                )
         for layer, experts in self.activate.items():
             if len(experts) > shape.top_k:
                 raise ProfileMismatchError(

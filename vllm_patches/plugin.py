@@ -15,7 +15,9 @@ def register() -> None:
     """Install the steering hooks into vLLM (idempotent)."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return
-    from vllm_patches import steering_ops  # noqa: F401  (registers the custom ops)
-    from vllm_patches import vllm_compat
+    from vllm_patches import (
+        steering_ops,  # noqa: F401  (registers the custom ops)
+        vllm_compat,
+    )
 
     vllm_compat.install()

@@ -105,7 +105,7 @@ class ProfileCache:
 
     def get(self, name: str):
         """The profile called `name`; raises UnknownProfileError or SteeringRequestError."""
-        if not re.match(NAME_PATTERN, name):
+        if not re.fullmatch(NAME_PATTERN, name):
             raise SteeringRequestError(f"invalid steering profile name {name!r}")
         if self.directory is None:
             raise UnknownProfileError(
