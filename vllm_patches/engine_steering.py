@@ -54,6 +54,50 @@ class LayerSteering:
     def capture(self, topk_ids: torch.Tensor) -> None:
         torch.ops.steermoe.record_routing_(self.record, topk_ids)
 
+    def reroute(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                hidden_states: torch.Tensor, router_logits: torch.Tensor) -> None:
+        torch.ops.steermoe.reroute_steered_(
+            topk_weights, topk_ids, hidden_states, router_logits, self.layer
+        )
+
+
+# Added to / subtracted from the correction bias of forced / forbidden experts. Router scores
+# are in [0, 1] (sigmoid) so this decides selection, and group scores too.
+FORCING_BIAS = 1.0e4
+
+RouteFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class BiasedRerouter:
+    """Exact steering for routers that select on score + correction bias (DeepSeek-V3 family).
+
+    There, the logit edit alone cannot guarantee selection: the bias, added for selection only,
+    can outweigh any sigmoid score. Steered rows are therefore routed again by the model's own
+    routing function with the bias raised by FORCING_BIAS for activated experts and lowered for
+    deactivated ones (one call per profile in the step). Selection (and group selection) is
+    thereby forced; the weights stay the model's: the scores of the edited logits, where an
+    activated expert has the highest affinity of the token, renormalised and scaled as usual.
+    """
+
+    def __init__(self, layer_steering: LayerSteering, bias: torch.Tensor, route: RouteFn):
+        self.steering = layer_steering
+        self.bias = bias
+        self.route = route
+
+    def __call__(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 hidden_states: torch.Tensor, router_logits: torch.Tensor) -> None:
+        tokens = router_logits.shape[0]
+        profiles = self.steering.token_profiles[:tokens].long()
+        masks = self.steering.masks
+        touched = masks[profiles].ne(0).any(dim=1)
+        for profile in profiles[touched].unique().tolist():
+            rows = (profiles == profile).nonzero().squeeze(1)
+            mask = masks[profile].to(self.bias.dtype)
+            bias = self.bias + FORCING_BIAS * mask
+            weights, ids = self.route(hidden_states[rows], router_logits[rows], bias)
+            topk_weights[rows] = weights.to(topk_weights.dtype)
+            topk_ids[rows] = ids.to(topk_ids.dtype)
+
 
 def steering_of(extra_args: dict[str, Any] | None) -> ResolvedSteering | None:
     """The resolved steering a front end attached to a request, if any."""

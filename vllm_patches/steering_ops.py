@@ -74,3 +74,29 @@ def record_routing_(record: torch.Tensor, topk_ids: torch.Tensor) -> None:
 @record_routing_.register_fake
 def _record_routing_fake(record, topk_ids) -> None:
     return None
+
+
+# Routers that add a per-expert correction bias before selection (DeepSeek-V3 family) register
+# here, by decoder layer, the function that re-routes their steered rows (engine_steering).
+BIASED_REROUTES: dict[int, object] = {}
+
+
+@torch.library.custom_op(
+    "steermoe::reroute_steered_", mutates_args=("topk_weights", "topk_ids")
+)
+def reroute_steered_(
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    hidden_states: torch.Tensor,
+    router_logits: torch.Tensor,
+    layer: int,
+) -> None:
+    """Replace the routing of steered rows of a biased router (see BiasedRerouter)."""
+    if not FLAGS.steering_active:
+        return
+    BIASED_REROUTES[layer](topk_weights, topk_ids, hidden_states, router_logits)
+
+
+@reroute_steered_.register_fake
+def _reroute_steered_fake(topk_weights, topk_ids, hidden_states, router_logits, layer) -> None:
+    return None

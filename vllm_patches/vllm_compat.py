@@ -29,7 +29,8 @@ from typing import Any
 
 from expert_profiles.model_shape import ModelShape, shape_from_hf_config
 from vllm_patches import request_steering as rs
-from vllm_patches.engine_steering import EngineSteering, MoELayerInfo
+from vllm_patches import steering_ops
+from vllm_patches.engine_steering import BiasedRerouter, EngineSteering, MoELayerInfo
 from vllm_patches.routing_capture import TAKE_METHOD
 
 logger = logging.getLogger("steermoe")
@@ -238,9 +239,21 @@ def _moe_layers(model: Any) -> list[tuple[MoELayerInfo, Any]]:
     return found
 
 
-def _unsteerable_reason(layers: list[tuple[MoELayerInfo, Any]]) -> str | None:
+def _correction_bias(module: Any) -> Any:
+    return getattr(module.router, "e_score_correction_bias", None)
+
+
+def _uses_cuda_graphs(runner: Any) -> bool:
+    mode = getattr(runner.vllm_config.compilation_config, "cudagraph_mode", None)
+    return runner.device.type == "cuda" and mode is not None and getattr(mode, "name", "") != "NONE"
+
+
+def _unsteerable_reason(layers: list[tuple[MoELayerInfo, Any]], runner: Any) -> str | None:
     if not layers:
         return "it has no vLLM fused-MoE layers"
+    if any(_correction_bias(m) is not None for _, m in layers) and _uses_cuda_graphs(runner):
+        return ("its routers select experts with a correction bias (DeepSeek-V3 family), which "
+                "steermoe steers exactly only without CUDA graphs: start vLLM with --enforce-eager")
     for info, module in layers:
         if type(module).__name__ != "MoERunner":
             return (f"layer {info.layer} runs {type(module).__name__}, whose routing is "
@@ -258,7 +271,7 @@ def _unsteerable_reason(layers: list[tuple[MoELayerInfo, Any]]) -> str | None:
 def attach_engine_steering(runner: Any) -> EngineSteering | None:
     """Find the MoE layers of a loaded model runner and attach steering to them."""
     layers = _moe_layers(runner.get_model())
-    reason = _unsteerable_reason(layers)
+    reason = _unsteerable_reason(layers, runner)
     info: dict[str, Any] = {"steerable": reason is None, "reason": reason}
     steering = None
     if reason is None:
@@ -273,6 +286,8 @@ def attach_engine_steering(runner: Any) -> EngineSteering | None:
             hook = steering.layer_hook(layer_info.layer)
             module._steermoe = hook
             module.router.set_capture_fn(hook.capture)
+            if _correction_bias(module) is not None:
+                _reroute_biased(module, hook)
         info.update(steering.describe())
         logger.info("steermoe: steering %d MoE layers (%s)", len(layers), info["routers"])
     else:
@@ -280,6 +295,31 @@ def attach_engine_steering(runner: Any) -> EngineSteering | None:
     runner._steermoe = steering
     _write_engine_info(runner, info)
     return steering
+
+
+def _reroute_biased(module: Any, hook: Any) -> None:
+    """Route steered rows of a correction-bias router again with forcing biases."""
+    router = module.router
+    original = router._compute_routing
+
+    def route(hidden_states, router_logits, bias):
+        saved = router.e_score_correction_bias
+        router.e_score_correction_bias = bias
+        try:
+            return original(hidden_states, router_logits, None, input_ids=None)
+        finally:
+            router.e_score_correction_bias = saved
+
+    steering_ops.BIASED_REROUTES[hook.layer] = BiasedRerouter(
+        hook, router.e_score_correction_bias, route
+    )
+
+    def _compute_routing(hidden_states, router_logits, indices_type, *, input_ids=None):
+        weights, ids = original(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        hook.reroute(weights, ids, hidden_states, router_logits)
+        return weights, ids
+
+    router._compute_routing = _compute_routing
 
 
 def _write_engine_info(runner: Any, info: dict[str, Any]) -> None:
