@@ -35,6 +35,17 @@ class MoELayerInfo:
     router: str
 
 
+def _idle(active: bool, tensor: torch.Tensor) -> bool:
+    """True when the op would do nothing and skipping the call cannot be baked into a graph.
+
+    Inside torch.compile tracing (vLLM's CPU path) the op is always emitted and decides at run
+    time; while a CUDA graph is captured the kernel must be in the graph.
+    """
+    if active or torch.compiler.is_compiling():
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 class LayerSteering:
     """Attached to one MoE layer: edits its router logits and records its routing."""
 
@@ -46,16 +57,22 @@ class LayerSteering:
         self.record = recorder.buffer[recorder.moe_layers.index(layer)]
 
     def steer(self, router_logits: torch.Tensor) -> torch.Tensor:
+        if _idle(steering_ops.FLAGS.steering_active, router_logits):
+            return router_logits
         torch.ops.steermoe.steer_router_logits_(
             router_logits, self.token_profiles, self.masks, self.eps
         )
         return router_logits
 
     def capture(self, topk_ids: torch.Tensor) -> None:
+        if _idle(steering_ops.FLAGS.recording, topk_ids):
+            return
         torch.ops.steermoe.record_routing_(self.record, topk_ids)
 
     def reroute(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 hidden_states: torch.Tensor, router_logits: torch.Tensor) -> None:
+        if _idle(steering_ops.FLAGS.steering_active, router_logits):
+            return
         torch.ops.steermoe.reroute_steered_(
             topk_weights, topk_ids, hidden_states, router_logits, self.layer
         )
