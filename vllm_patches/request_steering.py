@@ -100,7 +100,7 @@ class ProfileCache:
 
     def __init__(self, directory: str | Path | None):
         self.directory = Path(directory) if directory else None
-        self._entries: dict[str, tuple[tuple[int, int], Any]] = {}
+        self._entries: dict[str, tuple[tuple[int, ...], Any]] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str):
@@ -119,7 +119,7 @@ class ProfileCache:
             with self._lock:
                 self._entries.pop(name, None)
             raise UnknownProfileError(f"unknown steering profile {name!r}") from None
-        key = (stat.st_mtime_ns, stat.st_size)
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
         with self._lock:
             cached = self._entries.get(name)
             if cached is not None and cached[0] == key:

@@ -1,0 +1,175 @@
+"""A directory of steering profiles: `NAME.json` files in the `steermoe-profile/1` format.
+
+Beside a profile may lie the statistics it was selected from (`NAME.stats.csv`, see
+`expert_stats`) and their picture (`NAME.heatmap.png`); neither ends in `.json`, so profile
+loaders never take them for profiles. Every write is atomic (`atomic_files`): a reader, such
+as a running server that re-reads changed files per request, sees the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from pathlib import Path
+
+from expert_profiles.atomic_files import write_atomic
+from expert_profiles.directory import ProfileFileError, load_profile_dir, load_profile_file
+from expert_profiles.expert_stats import ExpertStats
+from expert_profiles.model_shape import ModelShape
+from expert_profiles.schema import NAME_PATTERN, ProfileMismatchError, SteeringProfile
+
+logger = logging.getLogger(__name__)
+
+PROFILE_SUFFIX = ".json"
+STATS_SUFFIX = ".stats.csv"
+HEATMAP_SUFFIX = ".heatmap.png"
+
+
+class InvalidProfileNameError(ValueError):
+    """A name that is not a valid profile name (and so never a path)."""
+
+
+class ProfileNotFoundError(KeyError):
+    """No profile of that name in the store."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "profile not found"
+
+
+class ProfileExistsError(FileExistsError):
+    """A profile of that name exists and overwriting was not asked for."""
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a valid profile name, else raise InvalidProfileNameError."""
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        raise InvalidProfileNameError(
+            f"invalid profile name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class ProfileStore:
+    """Profiles of one directory: list, read, write, delete and validate them."""
+
+    def __init__(self, directory: str | Path, *, create: bool = False):
+        self.directory = Path(directory)
+        if create:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"ProfileStore({str(self.directory)!r})"
+
+    # ---- paths ------------------------------------------------------------------------------
+
+    def profile_path(self, name: str) -> Path:
+        return self.directory / f"{validate_name(name)}{PROFILE_SUFFIX}"
+
+    def stats_path(self, name: str) -> Path:
+        return self.directory / f"{validate_name(name)}{STATS_SUFFIX}"
+
+    def heatmap_path(self, name: str) -> Path:
+        return self.directory / f"{validate_name(name)}{HEATMAP_SUFFIX}"
+
+    # ---- profiles ---------------------------------------------------------------------------
+
+    def list(self) -> list[str]:
+        """Names of the profile files present (valid or not), sorted."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            path.stem for path in self.directory.glob(f"*{PROFILE_SUFFIX}")
+            if re.fullmatch(NAME_PATTERN, path.stem)
+        )
+
+    def exists(self, name: str) -> bool:
+        return self.profile_path(name).is_file()
+
+    def get(self, name: str) -> SteeringProfile:
+        """The profile `name`; ProfileNotFoundError if absent, ProfileFileError if unusable."""
+        path = self.profile_path(name)
+        if not path.is_file():
+            raise ProfileNotFoundError(f"no profile {name!r} in {self.directory}")
+        return load_profile_file(path)
+
+    def put(self, profile: SteeringProfile, *, overwrite: bool = False) -> Path:
+        """Write `profile` as NAME.json atomically; ProfileExistsError unless `overwrite`."""
+        checked = SteeringProfile.model_validate(profile.model_dump())
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.profile_path(checked.name)
+        try:
+            write_atomic(path, checked.to_json().encode("utf-8"), overwrite=overwrite)
+        except FileExistsError:
+            raise ProfileExistsError(
+                f"profile {checked.name!r} already exists in {self.directory} "
+                "(overwrite it explicitly)"
+            ) from None
+        return path
+
+    def delete(self, name: str) -> list[Path]:
+        """Remove the profile and the files stored beside it; returns the removed paths."""
+        path = self.profile_path(name)
+        if not path.is_file():
+            raise ProfileNotFoundError(f"no profile {name!r} in {self.directory}")
+        removed = []
+        for candidate in (path, self.stats_path(name), self.heatmap_path(name)):
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+                removed.append(candidate)
+        return removed
+
+    def check(self, name: str, shape: ModelShape) -> SteeringProfile:
+        """The profile `name`, or ProfileMismatchError if it does not fit `shape`."""
+        profile = self.get(name)
+        profile.check_model(shape)
+        return profile
+
+    def validate_all(self, shape: ModelShape | None = None) -> tuple[
+        dict[str, SteeringProfile], dict[str, str]
+    ]:
+        """(valid profiles by name, error by file name); with `shape`, mismatches are errors.
+
+        Every error is also logged.
+        """
+        loaded = load_profile_dir(self.directory)
+        ok: dict[str, SteeringProfile] = {}
+        errors = dict(loaded.errors)
+        for name, profile in loaded.profiles.items():
+            if shape is not None:
+                try:
+                    profile.check_model(shape)
+                except ProfileMismatchError as exc:
+                    errors[f"{name}{PROFILE_SUFFIX}"] = f"{name}{PROFILE_SUFFIX}: {exc}"
+                    logger.error("steermoe: profile %s does not fit the model: %s", name, exc)
+                    continue
+            ok[name] = profile
+        return ok, errors
+
+    # ---- statistics -------------------------------------------------------------------------
+
+    def put_stats(self, name: str, stats: ExpertStats) -> Path:
+        """Write the statistics table of profile `name` (atomically, replacing any)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return write_atomic(self.stats_path(name), stats.to_csv_text().encode("utf-8"))
+
+    def get_stats(self, name: str) -> ExpertStats | None:
+        """The statistics stored beside profile `name`, or None if there are none."""
+        path = self.stats_path(name)
+        if not path.is_file():
+            return None
+        return ExpertStats.read(path)
+
+
+__all__ = [
+    "HEATMAP_SUFFIX",
+    "InvalidProfileNameError",
+    "PROFILE_SUFFIX",
+    "ProfileExistsError",
+    "ProfileFileError",
+    "ProfileNotFoundError",
+    "ProfileStore",
+    "STATS_SUFFIX",
+    "validate_name",
+]
