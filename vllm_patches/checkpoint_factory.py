@@ -23,6 +23,7 @@ CLI: python -m vllm_patches.checkpoint_factory FAMILY OUT_DIR [--size tiny|real]
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -35,7 +36,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-FACTORY_VERSION = 1
+FACTORY_VERSION = 2
 MARKER = ".checkpoint_factory.json"
 SIZES = ("tiny", "real")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -515,10 +516,11 @@ FAMILIES: dict[str, FamilySpec] = {
                 intermediate_size=64,
                 num_local_experts=8,
                 num_experts_per_tok=2,
-                embedding_multiplier=12.0,
+                # Milder than the published 12 / 0.22 / 6 so that the experts move the logits.
+                embedding_multiplier=2.0,
                 attention_multiplier=1.0 / 32,
-                residual_multiplier=0.22,
-                logits_scaling=6.0,
+                residual_multiplier=0.5,
+                logits_scaling=2.0,
                 attention_bias=False,
             ),
             real_name="ibm-granite/granite-3.0-1b-a400m-instruct",
@@ -617,7 +619,7 @@ def checkpoint_config(family: str, size: str = "tiny", dtype: str = "bfloat16") 
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     config: dict[str, Any] = {"architectures": [spec.architecture], "model_type": spec.model_type}
     if size == "tiny":
-        config.update(spec.tiny)
+        config.update(copy.deepcopy(dict(spec.tiny)))
         config.update(
             vocab_size=padded_vocab_size(),
             bos_token_id=SPECIAL_TOKENS.index(BOS),
@@ -625,7 +627,7 @@ def checkpoint_config(family: str, size: str = "tiny", dtype: str = "bfloat16") 
             pad_token_id=SPECIAL_TOKENS.index(PAD),
         )
     else:
-        config.update(spec.real)
+        config.update(copy.deepcopy(dict(spec.real)))
     config["torch_dtype"] = dtype
     return config
 
@@ -648,7 +650,7 @@ def _init_weights(model: Any, seed: int) -> None:
     Linear / expert weights: N(0, 1/fan_in); embeddings: N(0, 1); norm weights: 1 + N(0, 0.1);
     biases: N(0, 0.1); GPT-OSS sinks: N(0, 0.5). Router weights: N(0, 3/sqrt(hidden)) so router
     logits have std ~3 and routing is clearly non-uniform; router biases N(0, 0.5);
-    DeepSeek-V3 e_score_correction_bias: N(0, 0.1).
+    DeepSeek-V3 e_score_correction_bias: N(0, 0.1); lm_head bias (PhiMoE) zero.
     """
     import torch
 
@@ -665,7 +667,10 @@ def _init_weights(model: Any, seed: int) -> None:
             continue
         leaf = name.rsplit(".", 1)[-1]
         shape = tuple(tensor.shape)
-        if id(tensor) in router_tensors:
+        if name == "lm_head.bias":
+            # vLLM 0.32's PhiMoE builds lm_head with a bias but never adds it to the logits.
+            values = torch.zeros(shape)
+        elif id(tensor) in router_tensors:
             std = 3.0 / math.sqrt(hidden) if leaf == "weight" else 0.5
             values = torch.randn(shape, generator=generator) * std
         elif leaf == "e_score_correction_bias":
@@ -681,10 +686,10 @@ def _init_weights(model: Any, seed: int) -> None:
         elif len(shape) == 2:
             values = torch.randn(shape, generator=generator) / math.sqrt(shape[1])
         else:
-            # Fused expert tensors [E, out, in] or, transposed (GPT-OSS), [E, in, out]; with
-            # moe_intermediate < hidden the smaller of the two last dims is the fan-in for
-            # down_proj and the hidden size for gate_up, which is the fan-in either way.
-            fan_in = min(shape[-2:]) if "down" in leaf else hidden
+            # Fused expert tensors, [E, out, in] or (GPT-OSS) [E, in, out]: the input side of
+            # gate/up is the hidden size; of down/output it is the expert intermediate size,
+            # the smaller of the two last dims in every tiny config.
+            fan_in = min(shape[-2:]) if ("down" in leaf or "output" in name) else hidden
             values = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
         with torch.no_grad():
             tensor.copy_(values.to(tensor.dtype))
@@ -704,9 +709,21 @@ def _write_weights(out: Path, config_path: Path, seed: int, dtype: str) -> None:
         shutil.move(str(Path(tmp) / "model.safetensors"), out / "model.safetensors")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_FILES = {
+    "real": ("config.json", "generation_config.json", *_TOKENIZER_FILES),
+    "tiny": ("config.json", "generation_config.json", "model.safetensors", *_TOKENIZER_FILES),
+}
+
+
 def _marker(family: str, size: str, seed: int, dtype: str) -> dict[str, Any]:
-    return {"family": family, "size": size, "seed": seed, "dtype": dtype,
-            "factory_version": FACTORY_VERSION}
+    return {
+        "family": family,
+        "size": size,
+        "seed": seed,
+        "dtype": dtype,
+        "factory_version": FACTORY_VERSION,
+    }
 
 
 def build_checkpoint(
@@ -727,9 +744,10 @@ def build_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     marker_path = out / MARKER
     wanted = _marker(family, size, seed, dtype)
+    expected = [out / name for name in _FILES[size]]
     if marker_path.exists():
         try:
-            if json.loads(marker_path.read_text()) == wanted:
+            if json.loads(marker_path.read_text()) == wanted and all(p.exists() for p in expected):
                 return out
         except (OSError, ValueError):
             pass
@@ -757,46 +775,15 @@ def build_checkpoint(
 # Shape of a checkpoint
 
 
-def _first(config: Mapping[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if config.get(key) is not None:
-            return config[key]
-    raise KeyError(f"none of {keys} in config.json")
-
-
 def model_shape(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Architecture, layer count, expert count, top-k and MoE layer indices from config.json.
+    """Architecture, layer count, expert count, top-k and MoE layer indices from config.json."""
+    from expert_profiles.model_shape import shape_from_hf_config
 
-    Layer rules follow vLLM's model code: DeepSeek-style configs have MoE on layers
-    >= first_k_dense_replace with index % moe_layer_freq == 0; Qwen-MoE configs on layers not in
-    mlp_only_layers with (index + 1) % decoder_sparse_step == 0; other families on every layer.
-    """
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    text = config.get("text_config") or config
-    num_layers = int(text["num_hidden_layers"])
-    num_experts = int(_first(text, "n_routed_experts", "num_local_experts", "num_experts"))
-    top_k = _first(text, "num_experts_per_tok", "experts_per_token", "moe_topk")
-    top_k = int(top_k[0] if isinstance(top_k, list) else top_k)
-    if text.get("n_routed_experts") is not None:
-        first_dense = int(text.get("first_k_dense_replace") or 0)
-        freq = int(text.get("moe_layer_freq") or 1)
-        moe_layers = [i for i in range(num_layers) if i >= first_dense and i % freq == 0]
-    elif "decoder_sparse_step" in text or "mlp_only_layers" in text:
-        step = int(text.get("decoder_sparse_step") or 1)
-        dense = set(text.get("mlp_only_layers") or [])
-        moe_layers = [
-            i for i in range(num_layers)
-            if i not in dense and num_experts > 0 and (i + 1) % step == 0
-        ]
-    else:
-        moe_layers = list(range(num_layers))
-    return {
-        "architecture": (config.get("architectures") or [None])[0],
-        "num_layers": num_layers,
-        "num_experts": num_experts,
-        "top_k": top_k,
-        "moe_layers": moe_layers,
-    }
+    shape = shape_from_hf_config(config)
+    if shape is None:
+        raise ValueError(f"{checkpoint_dir}: config.json describes no Mixture-of-Experts model")
+    return {**shape.to_dict(), "moe_layers": list(shape.moe_layers)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -817,14 +804,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for spec in FAMILIES.values():
-            print(f"{spec.name:12s} {spec.architecture:24s} {spec.router:21s} real={spec.real_name}")
+            print(f"{spec.name:12s} {spec.architecture:22s} {spec.router:21s} {spec.real_name}")
         return 0
     if not args.family or not args.out_dir:
         parser.error("FAMILY and OUT_DIR are required (or --list)")
     if args.family not in FAMILIES:
         parser.error(f"unknown family {args.family!r}; known: {', '.join(FAMILIES)}")
-    out = build_checkpoint(args.family, args.out_dir, size=args.size, seed=args.seed,
-                           dtype=args.dtype)
+    out = build_checkpoint(
+        args.family, args.out_dir, size=args.size, seed=args.seed, dtype=args.dtype
+    )
     print(json.dumps({"checkpoint": str(out), **model_shape(out)}))
     return 0
 

@@ -1,0 +1,205 @@
+"""The Hugging Face reference: a checkpoint's transformers model with the SteerMoE edit.
+
+Test oracle for the engine. The model runs in float32 with eager attention and eager experts.
+For every decoder layer named in `steering`, the router's logits are edited for every token,
+and everything after the logits is the model's own routing code, unchanged. The edit happens
+by intercepting the one `F.linear` call a router's forward makes (its logits GEMM) and
+returning the edited row instead; the call count is checked.
+
+What the edit is, per router (vllm_patches/ROUTERS.md):
+- softmax routers (Qwen3/Qwen2-MoE, OLMoE, Mixtral, Granite-MoE, DeepSeek-V2 grouped) and
+  GPT-OSS (top-k then softmax): the paper's edit on log-probs,
+  `steering_math.steer_log_probs(z, activate, deactivate, eps)`; the router then runs its
+  own softmax / top-k / renormalisation on the edited log-probs.
+- PhiMoE (sparsemixer, not shift invariant): the edit on the raw logits (z space):
+  activated -> max(z) + eps, deactivated -> min(z) - eps (`steer_selection_scores` on z).
+- DeepSeek-V3 (sigmoid + e_score_correction_bias, grouped): the same z-space edit, and during
+  the router call the layer's correction bias is raised by FORCING_BIAS for activated experts
+  and lowered by it for deactivated ones, so the model's own grouped selection always keeps
+  activated experts and never picks deactivated ones; the weights stay the router's own
+  (sigmoid of the edited logits, renormalised, scaled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm_patches.steering_math import steer_log_probs, steer_selection_scores
+
+Steering = dict[int, tuple[list[int], list[int]]]
+
+# Routers whose steering is defined on the raw logits rather than on log-probs.
+Z_SPACE_MODEL_TYPES = {"phimoe", "deepseek_v3"}
+# Routers that select on score + correction bias and get forcing biases for steered experts.
+BIASED_MODEL_TYPES = {"deepseek_v3"}
+FORCING_BIAS = 1.0e4
+
+
+@lru_cache(maxsize=4)
+def _load(path: str, stamp: float) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    )
+    return model.eval()
+
+
+def load_reference_model(checkpoint_dir: str | Path) -> Any:
+    """The checkpoint's transformers model in float32, eager (cached while the files last)."""
+    path = Path(checkpoint_dir).resolve()
+    weights = path / "model.safetensors"
+    return _load(str(path), weights.stat().st_mtime if weights.exists() else 0.0)
+
+
+def _decoder_layers(model: Any) -> Any:
+    return model.model.layers
+
+
+def _router(layer: Any) -> Any | None:
+    """The MoE router module of a decoder layer (class name contains 'Router'), or None."""
+    routers = [m for m in layer.modules() if "router" in type(m).__name__.lower()]
+    if len(routers) > 1:
+        raise RuntimeError(f"several routers in one layer: {routers}")
+    return routers[0] if routers else None
+
+
+def _edit_fn(model_type: str, activate: list[int], deactivate: list[int], eps: float):
+    if model_type in Z_SPACE_MODEL_TYPES:
+        return lambda z: steer_selection_scores(z, activate, deactivate, eps).to(z.dtype)
+    return lambda z: steer_log_probs(z, activate, deactivate, eps).to(z.dtype)
+
+
+@contextlib.contextmanager
+def _first_linear_edited(edit) -> Iterator[list[int]]:
+    """Within the block, `F.linear` returns `edit(logits)`; yields a one-item call counter."""
+    functional = torch.nn.functional
+    original = functional.linear
+    calls = [0]
+
+    def linear(input, weight, bias=None):  # noqa: A002 - torch's own argument names
+        calls[0] += 1
+        return edit(original(input, weight, bias))
+
+    functional.linear = linear
+    try:
+        yield calls
+    finally:
+        functional.linear = original
+
+
+@contextlib.contextmanager
+def _steered(model: Any, steering: Steering | None, eps: float) -> Iterator[None]:
+    """Patch the routers of the layers in `steering` for the duration of the block."""
+    model_type = model.config.model_type
+    patched: list[tuple[Any, Any | None]] = []
+    try:
+        for index, (activate, deactivate) in sorted((steering or {}).items()):
+            layers = _decoder_layers(model)
+            if not 0 <= index < len(layers):
+                raise ValueError(f"layer {index} out of range (model has {len(layers)} layers)")
+            router = _router(layers[index])
+            if router is None:
+                raise ValueError(f"layer {index} has no MoE router")
+            edit = _edit_fn(model_type, list(activate), list(deactivate), eps)
+            original_forward = router.forward
+            saved_bias = None
+            if model_type in BIASED_MODEL_TYPES:
+                saved_bias = router.e_score_correction_bias.detach().clone()
+                with torch.no_grad():
+                    router.e_score_correction_bias[list(activate)] += FORCING_BIAS
+                    router.e_score_correction_bias[list(deactivate)] -= FORCING_BIAS
+
+            def forward(*args, _original=original_forward, _edit=edit, **kwargs):
+                with _first_linear_edited(_edit) as calls:
+                    out = _original(*args, **kwargs)
+                if calls[0] != 1:
+                    raise RuntimeError(f"router made {calls[0]} F.linear calls, expected 1")
+                return out
+
+            router.forward = forward
+            patched.append((router, saved_bias))
+        yield
+    finally:
+        for router, saved_bias in patched:
+            del router.forward  # back to the class's forward
+            if saved_bias is not None:
+                with torch.no_grad():
+                    router.e_score_correction_bias.copy_(saved_bias)
+
+
+def _run(
+    checkpoint_dir: str | Path, token_ids: list[int], steering: Steering | None, eps: float
+) -> tuple[torch.Tensor, np.ndarray]:
+    model = load_reference_model(checkpoint_dir)
+    layers = _decoder_layers(model)
+    selections: dict[int, torch.Tensor] = {}
+    hooks = []
+    for index, layer in enumerate(layers):
+        router = _router(layer)
+        if router is None:
+            continue
+
+        def capture(module, args, output, _index=index):
+            # Routers return (logits, weights, ids) or, Granite, (ids, weights, logits).
+            ids = [t for t in output if torch.is_tensor(t) and not t.is_floating_point()]
+            selections[_index] = ids[0].reshape(-1, ids[0].shape[-1])
+
+        hooks.append(router.register_forward_hook(capture))
+    try:
+        with torch.no_grad(), _steered(model, steering, eps):
+            logits = model(torch.tensor([list(token_ids)], dtype=torch.long)).logits[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    routing = np.stack(
+        [selections[i].sort(dim=-1).values.numpy() for i in sorted(selections)], axis=1
+    )
+    return logits.float(), routing
+
+
+def hf_steered_logits(
+    checkpoint_dir: str | Path,
+    token_ids: list[int],
+    steering: Steering | None,
+    eps: float = 0.01,
+) -> torch.Tensor:
+    """Float32 logits [len(token_ids), vocab] of one forward pass with `steering` applied.
+
+    steering: {decoder layer index: (experts to activate, experts to deactivate)}, applied to
+    every token; None or {} runs the model unsteered. See the module docstring for the edit.
+    """
+    return _run(checkpoint_dir, token_ids, steering, eps)[0]
+
+
+def hf_routing(
+    checkpoint_dir: str | Path,
+    token_ids: list[int],
+    steering: Steering | None,
+    eps: float = 0.01,
+) -> np.ndarray:
+    """Selected expert ids [len(token_ids), num_moe_layers, top_k], sorted within each row.
+
+    MoE layers in decoder-layer order (layers without a router, e.g. DeepSeek's dense first
+    layers, are skipped), from the same forward pass as `hf_steered_logits`.
+    """
+    return _run(checkpoint_dir, token_ids, steering, eps)[1]
+
+
+def moe_layer_indices(checkpoint_dir: str | Path) -> list[int]:
+    """Decoder layers of the transformers model that have a router (cross-check for tests)."""
+    model = load_reference_model(checkpoint_dir)
+    return [i for i, layer in enumerate(_decoder_layers(model)) if _router(layer) is not None]
+
+
+def model_type(checkpoint_dir: str | Path) -> str:
+    """model_type from config.json."""
+    return json.loads((Path(checkpoint_dir) / "config.json").read_text())["model_type"]
