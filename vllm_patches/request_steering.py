@@ -8,6 +8,10 @@ Runs where requests enter vLLM (the front-end process). A request selects steeri
   inline expert sets;
 - `{"capture_routing": True}`: record the request's routing (see `routing_capture`).
 
+Through vLLM's OpenAI server these travel in `vllm_xargs`, which carries only strings and
+numbers: there `steering` may be its JSON text and `capture_routing` may be 1 or 0.
+The keys the front end writes (`RESERVED_KEYS`) are dropped from what a client sends.
+
 Resolution checks the profile against the served model and writes the resolved sets into
 `extra_args[RESOLVED_KEY]`, so the engine needs no profile files and a profile edited later
 only affects requests that arrive later. No vLLM import here.
@@ -15,6 +19,7 @@ only affects requests that arrive later. No vLLM import here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -36,6 +41,7 @@ CAPTURE_ID_KEY = "steermoe_capture_id"
 PROFILE_DIR_ENV = "STEERMOE_PROFILE_DIR"
 EPS_ENV = "STEERMOE_EPS"
 DEFAULT_EPS = 0.01
+RESERVED_KEYS = (RESOLVED_KEY, CAPTURE_ID_KEY)
 
 
 def default_eps() -> float:
@@ -148,6 +154,13 @@ def resolve_request(
         return None
     name = extra_args.get(PROFILE_KEY)
     inline = extra_args.get(INLINE_KEY)
+    if isinstance(inline, str):
+        try:
+            inline = json.loads(inline)
+        except json.JSONDecodeError:
+            raise SteeringRequestError(
+                f"{INLINE_KEY!r} must be an object (or its JSON text)"
+            ) from None
     if name is None and inline is None:
         return None
     if name is not None and inline is not None:
@@ -172,7 +185,7 @@ def resolve_request(
         label = f"profile:{name}"
     else:
         if not isinstance(inline, dict):
-            raise SteeringRequestError(f"{INLINE_KEY!r} must be an object")
+            raise SteeringRequestError(f"{INLINE_KEY!r} must be an object (or its JSON text)")
         try:
             sets = ExpertSteering.model_validate(inline)
         except ValidationError as exc:
@@ -202,6 +215,8 @@ def wants_capture(extra_args: dict[str, Any] | None) -> bool:
     if not extra_args or CAPTURE_KEY not in extra_args:
         return False
     value = extra_args[CAPTURE_KEY]
+    if type(value) is int and value in (0, 1):
+        return bool(value)
     if not isinstance(value, bool):
         raise SteeringRequestError(f"{CAPTURE_KEY!r} must be true or false")
     return value

@@ -112,7 +112,7 @@ def fetch_routing(engine: Any, request_ids: Sequence[str]) -> dict[str, RoutingR
     `request_ids` are the ids of the returned `RequestOutput`s. Each record is returned once.
     """
     results = engine.collective_rpc(TAKE_METHOD, args=(list(request_ids),))
-    return {key: RoutingRecord.from_wire(value) for key, value in results[0].items()}
+    return _merge(results)
 
 
 async def fetch_routing_async(engine_client: Any, request_ids: Sequence[str]) -> dict[
@@ -120,4 +120,14 @@ async def fetch_routing_async(engine_client: Any, request_ids: Sequence[str]) ->
 ]:
     """`fetch_routing` for an `AsyncLLM` engine client (the OpenAI server's engine)."""
     results = await engine_client.collective_rpc(TAKE_METHOD, args=(list(request_ids),))
-    return {key: RoutingRecord.from_wire(value) for key, value in results[0].items()}
+    return _merge(results)
+
+
+def _merge(results: Sequence[dict[str, dict[str, Any]]]) -> dict[str, RoutingRecord]:
+    """One record per request from every worker's answer (tensor-parallel ranks hold the same
+    record; data-parallel engines each hold their own requests')."""
+    merged: dict[str, RoutingRecord] = {}
+    for answer in results:
+        for key, value in (answer or {}).items():
+            merged.setdefault(key, RoutingRecord.from_wire(value))
+    return merged

@@ -173,11 +173,12 @@ class FrontendSteering:
         params = getattr(request, "sampling_params", None)
         if params is None or not params.extra_args:
             return
-        extra = dict(params.extra_args)
+        extra = {k: v for k, v in params.extra_args.items() if k not in rs.RESERVED_KEYS}
         shape, reason = self.served_shape()
         steering = rs.resolve_request(extra, shape, self.profiles, self.eps, reason)
         capture = rs.wants_capture(extra)
         if steering is None and not capture:
+            params.extra_args = extra
             return
         if steering is not None:
             extra[rs.RESOLVED_KEY] = steering.to_extra_args()

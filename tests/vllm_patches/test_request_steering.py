@@ -329,7 +329,7 @@ def test_inline_must_be_an_object(cache, inline):
     with pytest.raises(SteeringRequestError) as info:
         resolve({"steering": inline}, cache)
     assert info.value.status == 400
-    assert str(info.value) == "'steering' must be an object"
+    assert str(info.value) == "'steering' must be an object (or its JSON text)"
 
 
 def test_inline_layer_without_moe_block_is_400(cache):
@@ -400,7 +400,12 @@ def test_wants_capture(extra_args, expected):
     assert wants_capture(extra_args) is expected
 
 
-@pytest.mark.parametrize("value", [1, 0, "true", None, [True]])
+def test_wants_capture_reads_vllm_xargs_integers():
+    assert wants_capture({"capture_routing": 1}) is True
+    assert wants_capture({"capture_routing": 0}) is False
+
+
+@pytest.mark.parametrize("value", [2, -1, "true", None, [True]])
 def test_wants_capture_needs_a_bool(value):
     with pytest.raises(SteeringRequestError) as info:
         wants_capture({"capture_routing": value})

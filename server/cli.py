@@ -1,0 +1,38 @@
+"""The `steermoe` command: dispatches to its subcommands.
+
+    steermoe serve MODEL ...   the OpenAI-compatible steering server (server.serve_command)
+    steermoe profile ...       manage, detect and import steering profiles (expert_profiles.cli)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+USAGE = """usage: steermoe COMMAND ...
+
+commands:
+  serve     serve a model with vLLM's OpenAI-compatible API, steerable per request
+            (steermoe serve MODEL [vllm serve options] [steering options]; see --help)
+  profile   manage, detect and import steering profiles (see steermoe profile --help)"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "serve":
+        from server.serve_command import serve_main
+
+        return serve_main(args[1:])
+    if args and args[0] == "profile":
+        from expert_profiles.cli import profile_main
+
+        return int(profile_main(args[1:]) or 0)
+    if args and args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""What the operator chose for the steering server, passed to the API server as JSON in the env.
+
+`steermoe serve` writes the config to `STEERMOE_SERVER_CONFIG`; the middleware reads it in the
+API server process (or processes). The admin token travels separately in
+`STEERMOE_ADMIN_TOKEN` so the config can be logged. Without `STEERMOE_SERVER_CONFIG` (plain
+`vllm serve --middleware ...`), defaults apply and the profile directory is
+`STEERMOE_PROFILE_DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from expert_profiles.schema import NAME_PATTERN
+from vllm_patches.request_steering import PROFILE_DIR_ENV
+
+CONFIG_ENV = "STEERMOE_SERVER_CONFIG"
+ADMIN_TOKEN_ENV = "STEERMOE_ADMIN_TOKEN"
+LOWERS_SAFETY_TAG = "lowers-safety"
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+NO_PROFILES = "none"
+
+
+class ConfigError(ValueError):
+    """An operator option that cannot be served."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Steering options of one server (everything but the admin token)."""
+
+    profiles_dir: str | None = None
+    # Served-model-name alias -> the profile every request to it runs with.
+    endpoints: dict[str, str] = field(default_factory=dict)
+    # The served names of the unlocked model (vLLM's --served-model-name, or the model path).
+    base_names: tuple[str, ...] = ()
+    # Profiles clients may select; None: every profile not tagged `lowers-safety`.
+    client_profiles: tuple[str, ...] | None = None
+    allow_inline_steering: bool = False
+    allow_routing_capture: bool = False
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    audit_log: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes <= 0:
+            raise ConfigError("--max-request-bytes must be positive")
+        for alias, profile in self.endpoints.items():
+            check_profile_name(profile, f"--endpoint {alias}")
+            if alias in self.base_names:
+                raise ConfigError(
+                    f"--endpoint {alias}: the name is already a served name of the unlocked model"
+                )
+        for name in self.client_profiles or ():
+            check_profile_name(name, "--client-profiles")
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return (*self.base_names, *self.endpoints)
+
+    @property
+    def default_name(self) -> str | None:
+        return self.base_names[0] if self.base_names else None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["base_names"] = list(self.base_names)
+        if self.client_profiles is not None:
+            data["client_profiles"] = list(self.client_profiles)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerConfig:
+        data: dict[str, Any] = json.loads(text)
+        data["base_names"] = tuple(data.get("base_names") or ())
+        if data.get("client_profiles") is not None:
+            data["client_profiles"] = tuple(data["client_profiles"])
+        return cls(**data)
+
+    @classmethod
+    def from_env(cls) -> ServerConfig:
+        """The config `steermoe serve` passed, or defaults around `STEERMOE_PROFILE_DIR`."""
+        text = os.environ.get(CONFIG_ENV)
+        if text:
+            return cls.from_json(text)
+        return cls(profiles_dir=os.environ.get(PROFILE_DIR_ENV) or None)
+
+
+def check_profile_name(name: str, option: str) -> None:
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ConfigError(f"{option}: {name!r} is not a valid profile name")
+
+
+def parse_endpoint(text: str) -> tuple[str, str]:
+    """`NAME=PROFILE` -> (served name, profile)."""
+    alias, sep, profile = text.partition("=")
+    alias, profile = alias.strip(), profile.strip()
+    if not sep or not alias or not profile:
+        raise ConfigError(f"--endpoint {text!r}: expected NAME=PROFILE")
+    if any(ch.isspace() for ch in alias):
+        raise ConfigError(f"--endpoint {text!r}: the served name must not contain spaces")
+    check_profile_name(profile, f"--endpoint {alias}")
+    return alias, profile
+
+
+def parse_endpoints(values: list[str] | None) -> dict[str, str]:
+    endpoints: dict[str, str] = {}
+    for text in values or ():
+        alias, profile = parse_endpoint(text)
+        if alias in endpoints:
+            raise ConfigError(f"--endpoint {alias} is given twice")
+        endpoints[alias] = profile
+    return endpoints
+
+
+def parse_client_profiles(text: str | None) -> tuple[str, ...] | None:
+    """`a,b` -> ("a", "b"); `none` -> (); unset -> None (the default policy)."""
+    if text is None:
+        return None
+    if text.strip().lower() in (NO_PROFILES, ""):
+        return ()
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    for name in names:
+        check_profile_name(name, "--client-profiles")
+    return names
+
+
+def admin_token_from_env() -> str | None:
+    token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    return token or None

@@ -1,0 +1,110 @@
+"""The steering server's state in one API server process: config, profiles, policy, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from expert_profiles.model_shape import ModelShape
+from expert_profiles.schema import SteeringProfile
+from expert_profiles.store import PROFILE_SUFFIX, ProfileStore
+from server import vllm_server_compat as compat
+from server.audit import audit_logger
+from server.config import ServerConfig, admin_token_from_env
+from server.errors import SteeringHTTPError
+from server.metrics import SteeringMetrics, steering_metrics
+from server.policy import SteeringDecision, SteeringPolicy, as_http_error
+from vllm_patches import request_steering as rs
+
+
+class ServedModel(Protocol):
+    """What the steering layer needs from the plugin's front end (`FrontendSteering`)."""
+
+    eps: float
+
+    def served_eps(self) -> float | None:
+        model = self._served_model()
+        return None if model is None else model.eps
+
+    def served_shape(self) -> tuple[ModelShape | None, str | None]: ...
+
+
+class SteeringContext:
+    """Everything requests are checked against; one per middleware instance."""
+
+    def __init__(self, config: ServerConfig, admin_token: str | None = None,
+                 served_model: Callable[[], ServedModel | None] = compat.frontend_steering,
+                 metrics: SteeringMetrics | None = None):
+        self.config = config
+        self.admin_token = admin_token
+        self.profiles = rs.ProfileCache(config.profiles_dir)
+        self.store = ProfileStore(config.profiles_dir) if config.profiles_dir else None
+        self.policy = SteeringPolicy(config, self.profiles)
+        self.metrics = metrics or steering_metrics()
+        self.audit = audit_logger(config.audit_log)
+        self._served_model = served_model
+        self._scan: tuple[Any, dict[str, SteeringProfile], dict[str, str]] | None = None
+
+    @classmethod
+    def from_env(cls) -> SteeringContext:
+        return cls(ServerConfig.from_env(), admin_token_from_env())
+
+    def served_model(self) -> ServedModel:
+        model = self._served_model()
+        if model is None:
+            raise SteeringHTTPError(
+                503, "steering is not available: the steermoe plugin is not loaded in this "
+                "server, or the engine is still starting",
+            )
+        return model
+
+    def served_eps(self) -> float | None:
+        model = self._served_model()
+        return None if model is None else model.eps
+
+    def served_shape(self) -> tuple[ModelShape | None, str | None]:
+        return self.served_model().served_shape()
+
+    def resolve(self, decision: SteeringDecision) -> rs.ResolvedSteering | None:
+        """Check the decided steering against the served model; SteeringHTTPError if it fails."""
+        if not decision.steered:
+            return None
+        model = self.served_model()
+        shape, reason = model.served_shape()
+        if decision.profile is not None:
+            extra: dict[str, Any] = {rs.PROFILE_KEY: decision.profile}
+            param = rs.PROFILE_KEY
+        else:
+            extra = {rs.INLINE_KEY: decision.inline}
+            param = rs.INLINE_KEY
+        try:
+            return rs.resolve_request(extra, shape, self.profiles, model.eps, reason)
+        except rs.SteeringRequestError as exc:
+            raise as_http_error(exc, param) from None
+
+    def scan_profiles(self) -> tuple[dict[str, SteeringProfile], dict[str, str]]:
+        """(valid profiles, errors by file) of the directory; updates the profile gauges.
+
+        Re-validates only when a profile file or the served shape changed since the last scan.
+        """
+        if self.store is None:
+            return {}, {}
+        model = self._served_model()
+        shape = model.served_shape()[0] if model is not None else None
+        key = (self._directory_signature(), shape)
+        if self._scan is None or self._scan[0] != key:
+            profiles, errors = self.store.validate_all(shape)
+            self._scan = (key, profiles, errors)
+            self.metrics.set_profile_counts(len(profiles), len(errors))
+        return self._scan[1], self._scan[2]
+
+    def _directory_signature(self) -> tuple[tuple[str, int, int], ...]:
+        assert self.store is not None
+        signature = []
+        for path in self.store.directory.glob(f"*{PROFILE_SUFFIX}"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            signature.append((path.name, stat.st_mtime_ns, stat.st_size))
+        return tuple(sorted(signature))

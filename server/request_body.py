@@ -1,0 +1,196 @@
+"""Reading the steering fields of a completion request body and writing the body vLLM gets.
+
+A client asks for steering with top-level `steering_profile`, `steering` (inline expert sets)
+and `capture_routing`, or with the same keys inside vLLM's `vllm_xargs`. The rewritten body
+carries them only in `vllm_xargs`, in the form that field accepts (see `xargs_wire`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import SteeringHTTPError
+from server.xargs_wire import encode_inline
+from vllm_patches.request_steering import (
+    CAPTURE_ID_KEY,
+    CAPTURE_KEY,
+    INLINE_KEY,
+    PROFILE_KEY,
+    RESOLVED_KEY,
+)
+
+XARGS_KEY = "vllm_xargs"
+STEERING_KEYS = (PROFILE_KEY, INLINE_KEY, CAPTURE_KEY)
+RESERVED_KEYS = (RESOLVED_KEY, CAPTURE_ID_KEY)
+ARGS_CONTAINERS = (XARGS_KEY, "extra_args")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class RequestedSteering:
+    """What a request asked for; `profile_given` is true even for an explicit null."""
+
+    profile: str | None = None
+    profile_given: bool = False
+    inline: dict[str, Any] | None = None
+    capture: bool = False
+
+    @property
+    def asks_for_steering(self) -> bool:
+        return self.profile is not None or self.inline is not None
+
+    @property
+    def mentions_steering(self) -> bool:
+        """Whether the request said anything about steering (even `steering_profile: null`)."""
+        return self.profile_given or self.inline is not None
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; 400 otherwise."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SteeringHTTPError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise SteeringHTTPError(400, "the request body must be a JSON object")
+    return body
+
+
+def _pick(key: str, top: Any, nested: Any) -> Any:
+    if top is _MISSING:
+        return nested
+    if nested is not _MISSING and nested != top:
+        raise SteeringHTTPError(
+            400, f"{key!r} is given both at the top level and in {XARGS_KEY!r} with "
+            "different values", param=key,
+        )
+    return top
+
+
+def _as_inline(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise SteeringHTTPError(
+                400, f"{INLINE_KEY!r} must be an object", param=INLINE_KEY
+            ) from None
+    if not isinstance(value, dict):
+        raise SteeringHTTPError(400, f"{INLINE_KEY!r} must be an object", param=INLINE_KEY)
+    return value
+
+
+def _as_capture(value: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    raise SteeringHTTPError(400, f"{CAPTURE_KEY!r} must be true or false", param=CAPTURE_KEY)
+
+
+def take_steering(body: dict[str, Any]) -> tuple[RequestedSteering, dict[str, Any]]:
+    """Split the steering fields off a completion body; returns (request, body without them)."""
+    rest = dict(body)
+    xargs = rest.get(XARGS_KEY)
+    nested: dict[str, Any] = {}
+    if isinstance(xargs, dict):
+        reserved = [key for key in RESERVED_KEYS if key in xargs]
+        if reserved:
+            raise SteeringHTTPError(
+                400, f"{XARGS_KEY} key {reserved[0]!r} is reserved for the server",
+                param=XARGS_KEY,
+            )
+        nested = {key: xargs[key] for key in STEERING_KEYS if key in xargs}
+        remaining = {key: value for key, value in xargs.items() if key not in STEERING_KEYS}
+        if remaining:
+            rest[XARGS_KEY] = remaining
+        else:
+            rest.pop(XARGS_KEY)
+    values = {
+        key: _pick(key, rest.pop(key, _MISSING), nested.get(key, _MISSING))
+        for key in STEERING_KEYS
+    }
+    profile = values[PROFILE_KEY]
+    if profile is not _MISSING and profile is not None and not isinstance(profile, str):
+        raise SteeringHTTPError(400, f"{PROFILE_KEY!r} must be a string", param=PROFILE_KEY)
+    inline_value = values[INLINE_KEY]
+    requested = RequestedSteering(
+        profile=None if profile is _MISSING else profile,
+        profile_given=profile is not _MISSING,
+        inline=None if inline_value is _MISSING else _as_inline(inline_value),
+        capture=False if values[CAPTURE_KEY] is _MISSING else _as_capture(values[CAPTURE_KEY]),
+    )
+    if requested.profile is not None and requested.inline is not None:
+        raise SteeringHTTPError(
+            400, f"give either {PROFILE_KEY!r} or {INLINE_KEY!r}, not both", param=INLINE_KEY
+        )
+    return requested, rest
+
+
+def with_steering(body: dict[str, Any], profile: str | None, inline: dict[str, Any] | None,
+                  capture: bool) -> dict[str, Any]:
+    """`body` (without steering fields) carrying the steering to apply in `vllm_xargs`."""
+    out = dict(body)
+    xargs = dict(out.get(XARGS_KEY) or {})
+    if profile is not None:
+        xargs[PROFILE_KEY] = profile
+    elif inline is not None:
+        xargs[INLINE_KEY] = encode_inline(inline)
+    if capture:
+        xargs[CAPTURE_KEY] = 1
+    if xargs:
+        out[XARGS_KEY] = xargs
+    return out
+
+
+def capture_problem(path_kind: str, body: dict[str, Any]) -> str | None:
+    """Why routing cannot be captured for this body (one sequence, non-streaming), or None."""
+    if body.get("stream"):
+        return "capture_routing is available for non-streaming requests only"
+    if (body.get("n") or 1) != 1 or (body.get("best_of") or 1) != 1:
+        return "capture_routing needs n=1"
+    if body.get("use_beam_search"):
+        return "capture_routing is not available with beam search"
+    if path_kind == "completions":
+        prompt = body.get("prompt")
+        if body.get("prompt_embeds") is not None:
+            return "capture_routing is not available with prompt_embeds"
+        several = isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int)
+        if several:
+            return "capture_routing needs a single prompt"
+    return None
+
+
+def contains_steering(body: dict[str, Any]) -> str | None:
+    """A steering or reserved key at the top level or in any `vllm_xargs`/`extra_args` object.
+
+    Used on paths other than the two completion APIs, which do not steer.
+    """
+    for key in body:
+        if key in STEERING_KEYS or key in RESERVED_KEYS:
+            return key
+    return _nested_steering(body)
+
+
+def _nested_steering(value: Any) -> str | None:
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if key in ARGS_CONTAINERS and isinstance(item, dict):
+            for inner in item:
+                if inner in STEERING_KEYS or inner in RESERVED_KEYS:
+                    return inner
+        found = _nested_steering(item)
+        if found:
+            return found
+    return None

@@ -1,0 +1,77 @@
+"""What one completion request leaves behind: its metrics and, if steering was involved, an
+audit line."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from server.audit import AuditRecord, write_audit
+from server.context import SteeringContext
+from server.policy import SteeringDecision
+from server.request_body import RequestedSteering
+from server.response_editor import ResponseEditor
+from vllm_patches.request_steering import ResolvedSteering
+
+MAX_LOGGED_NAME = 80
+
+
+@dataclass
+class CompletionTrace:
+    """What is known about one completion request."""
+
+    path: str
+    started: float
+    endpoint: str | None = None
+    locked: bool = False
+    stream: bool = False
+    requested: RequestedSteering = field(default_factory=RequestedSteering)
+    decision: SteeringDecision | None = None
+    resolved: ResolvedSteering | None = None
+    error: str | None = None
+
+    @property
+    def involves_steering(self) -> bool:
+        """Asked for, refused, or imposed by a locked endpoint."""
+        steered = self.decision is not None and self.decision.steered
+        return self.requested.mentions_steering or self.locked or steered
+
+    def profile_label(self) -> str:
+        """The `profile` label of the metrics: a profile name, `inline`, `none` or `rejected`."""
+        if self.decision is not None and self.error is None:
+            return self.decision.label
+        return "rejected" if self.involves_steering else "none"
+
+
+def _short(value: str | None) -> str | None:
+    if value is None or len(value) <= MAX_LOGGED_NAME:
+        return value
+    return value[:MAX_LOGGED_NAME] + "..."
+
+
+def record_completion(context: SteeringContext, trace: CompletionTrace, status: int,
+                      editor: ResponseEditor | None) -> None:
+    """Count the request in the metrics; write its audit line if steering was involved."""
+    latency = time.monotonic() - trace.started
+    prompt_tokens, completion_tokens = editor.token_counts() if editor else (None, None)
+    endpoint = trace.endpoint if trace.endpoint in context.config.served_names else "other"
+    context.metrics.observe_request(endpoint, trace.profile_label(), status, latency,
+                                    prompt_tokens, completion_tokens)
+    if not trace.involves_steering:
+        return
+    decision, requested, resolved = trace.decision, trace.requested, trace.resolved
+    write_audit(context.audit, AuditRecord(
+        request_id=editor.response_id if editor else None,
+        path=trace.path,
+        endpoint=_short(trace.endpoint),
+        profile=decision.profile if decision is not None else _short(requested.profile),
+        inline=(decision.inline if decision is not None else requested.inline) is not None,
+        digest=resolved.digest if resolved is not None else None,
+        locked=trace.locked,
+        stream=trace.stream,
+        status=status,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        latency_s=round(latency, 4),
+        error=trace.error,
+    ))

@@ -1,0 +1,102 @@
+"""Wrapping an ASGI `send`: a steering header on every response, edits to JSON bodies, usage.
+
+A 200 JSON response is held until complete, handed to an async edit function and sent with a
+new Content-Length. Other responses (streams, errors) pass through as they come, with the
+header added; server-sent events are read on the way for the response id and `usage`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from server.asgi_io import Message, Send, dump_json, header_map, set_header
+
+JsonEdit = Callable[[Any], Awaitable[Any]]
+
+
+class ResponseEditor:
+    """A `send` for the wrapped app; records status, response id and usage."""
+
+    def __init__(self, send: Send, header: tuple[str, str] | None, edit_json: JsonEdit | None):
+        self._send = send
+        self._header = header
+        self._edit_json = edit_json
+        self._start: Message | None = None
+        self._held: list[bytes] | None = None
+        self._sse_tail = b""
+        self.status: int | None = None
+        self.response_id: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.streamed = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            await self._on_start(message)
+        elif message["type"] == "http.response.body" and self._held is not None:
+            self._held.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                await self._send_edited()
+        else:
+            if message["type"] == "http.response.body" and self.streamed:
+                self._read_events(message.get("body", b""))
+            await self._send(message)
+
+    async def _on_start(self, message: Message) -> None:
+        self.status = int(message["status"])
+        headers = list(message.get("headers", []))
+        if self._header is not None:
+            headers = set_header(headers, *self._header)
+        message = {**message, "headers": headers}
+        content_type = header_map(headers).get("content-type", "")
+        self.streamed = content_type.startswith("text/event-stream")
+        if self.status == 200 and content_type.startswith("application/json") \
+                and self._edit_json is not None:
+            self._start = message
+            self._held = []
+            return
+        await self._send(message)
+
+    async def _send_edited(self) -> None:
+        assert self._start is not None and self._held is not None
+        raw = b"".join(self._held)
+        self._held = None
+        body = raw
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if data is not None:
+            self._note(data)
+            assert self._edit_json is not None
+            body = dump_json(await self._edit_json(data))
+        headers = set_header(list(self._start["headers"]), "content-length", str(len(body)))
+        await self._send({**self._start, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _note(self, data: Any) -> None:
+        if not isinstance(data, dict):
+            return
+        if self.response_id is None and isinstance(data.get("id"), str):
+            self.response_id = data["id"]
+        if isinstance(data.get("usage"), dict):
+            self.usage = data["usage"]
+
+    def _read_events(self, chunk: bytes) -> None:
+        lines = (self._sse_tail + chunk).split(b"\n")
+        self._sse_tail = lines.pop()
+        for line in lines:
+            if not line.startswith(b"data: {"):
+                continue
+            if self.response_id is None or b'"usage":{' in line or b'"usage": {' in line:
+                try:
+                    self._note(json.loads(line[6:]))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    continue
+
+    def token_counts(self) -> tuple[int | None, int | None]:
+        usage = self.usage or {}
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        return (prompt if isinstance(prompt, int) else None,
+                completion if isinstance(completion, int) else None)

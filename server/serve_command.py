@@ -1,0 +1,173 @@
+"""`steermoe serve MODEL [vllm serve options] [steering options]`: vLLM's server, steered.
+
+The steering options are taken out, checked, and passed to the API server process in the
+environment (`server.config`); everything else goes to `vllm serve` unchanged, plus the served
+names of the locked endpoints and `--middleware server.middleware.SteeringMiddleware`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from expert_profiles.directory import ProfileFileError
+from expert_profiles.model_shape import ModelShape, shape_from_hf_config
+from expert_profiles.schema import ProfileMismatchError
+from expert_profiles.store import ProfileNotFoundError, ProfileStore
+from server import vllm_server_compat as compat
+from server.config import (
+    ADMIN_TOKEN_ENV,
+    CONFIG_ENV,
+    DEFAULT_MAX_REQUEST_BYTES,
+    LOWERS_SAFETY_TAG,
+    ConfigError,
+    ServerConfig,
+    parse_client_profiles,
+    parse_endpoints,
+)
+from vllm_patches.request_steering import PROFILE_DIR_ENV
+
+logger = logging.getLogger("steermoe.serve")
+
+EPILOG = """Every other option is passed to `vllm serve` (see `vllm serve --help`).
+
+examples:
+  steermoe serve allenai/OLMoE-1B-7B-0125-Instruct --profiles ./profiles
+  steermoe serve MODEL --profiles ./profiles --endpoint olmoe-safe=safety \\
+      --client-profiles safety,concise --admin-token "$TOKEN" --port 8000
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steermoe serve", allow_abbrev=False, epilog=EPILOG,
+        usage="steermoe serve MODEL [vllm serve options] [steering options]",
+        description="Serve MODEL with vLLM's OpenAI-compatible API, steerable per request.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    steering = parser.add_argument_group("steering")
+    steering.add_argument("--profiles", metavar="DIR",
+                          help="directory of steering profiles (NAME.json)")
+    steering.add_argument("--endpoint", action="append", metavar="NAME=PROFILE",
+                          help="serve NAME as a model that always runs PROFILE (repeatable)")
+    steering.add_argument("--client-profiles", metavar="A,B",
+                          help="profiles clients may select ('none' for none; default: every "
+                          f"profile not tagged {LOWERS_SAFETY_TAG})")
+    steering.add_argument("--allow-inline-steering", action="store_true",
+                          help="let requests give expert sets inline (`steering`)")
+    steering.add_argument("--allow-routing-capture", action="store_true",
+                          help="let requests ask for their routing (`capture_routing`)")
+    steering.add_argument("--admin-token", metavar="TOKEN",
+                          help=f"bearer token of the profile admin API (or env {ADMIN_TOKEN_ENV}; "
+                          "unset: admin API disabled)")
+    steering.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                          metavar="N", help="largest request body accepted (default: %(default)s)")
+    steering.add_argument("--audit-log", metavar="FILE",
+                          help="also append the audit lines of steered requests to FILE")
+    passed = parser.add_argument_group("vllm serve options read here (and passed on)")
+    passed.add_argument("--model", dest="model_option", help=argparse.SUPPRESS)
+    passed.add_argument("--served-model-name", "--served_model_name", nargs="+", metavar="NAME",
+                        help="names of the unlocked model (default: MODEL)")
+    passed.add_argument("--middleware", action="append", default=[], metavar="PATH",
+                        help="more ASGI middleware for vLLM (runs inside the steering layer)")
+    return parser
+
+
+def split_model(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """MODEL given first (as with `vllm serve MODEL`), and the rest."""
+    if argv and not argv[0].startswith("-"):
+        return argv[0], list(argv[1:])
+    return None, list(argv)
+
+
+def _local_shape(model: str) -> ModelShape | None:
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return shape_from_hf_config(json.loads(config.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None
+
+
+def check_profiles(config: ServerConfig, model: str) -> None:
+    """Fail early on locked endpoints whose profile is missing, broken or for another model."""
+    if config.endpoints and config.profiles_dir is None:
+        raise ConfigError("--endpoint needs --profiles")
+    if config.profiles_dir is None:
+        return
+    store = ProfileStore(config.profiles_dir)
+    shape = _local_shape(model)
+    for alias, name in config.endpoints.items():
+        try:
+            profile = store.get(name)
+            if shape is not None:
+                profile.check_model(shape)
+        except ProfileNotFoundError:
+            raise ConfigError(f"--endpoint {alias}: no profile {name!r} in "
+                              f"{config.profiles_dir}") from None
+        except (ProfileFileError, ProfileMismatchError) as exc:
+            raise ConfigError(f"--endpoint {alias}: {exc}") from None
+    for name in config.client_profiles or ():
+        if not store.exists(name):
+            logger.warning("steermoe: --client-profiles names %r, which is not (yet) in %s",
+                           name, config.profiles_dir)
+        else:
+            try:
+                if LOWERS_SAFETY_TAG in store.get(name).tags:
+                    logger.warning("steermoe: clients may select %r, tagged %s", name,
+                                   LOWERS_SAFETY_TAG)
+            except ProfileFileError as exc:
+                logger.warning("steermoe: %s", exc)
+
+
+def prepare(argv: Sequence[str]) -> tuple[ServerConfig, list[str], str | None]:
+    """(config, `vllm serve` argv, admin token) for `steermoe serve` arguments."""
+    model, rest = split_model(argv)
+    args, vllm_args = build_parser().parse_known_args(rest)
+    model = model or args.model_option
+    if not model:
+        raise ConfigError("give the model to serve: steermoe serve MODEL ...")
+    profiles_dir = None
+    given_dir = args.profiles or os.environ.get(PROFILE_DIR_ENV)
+    if given_dir:
+        directory = Path(given_dir).expanduser().resolve()
+        if not directory.is_dir():
+            raise ConfigError(f"--profiles {given_dir}: not a directory")
+        profiles_dir = str(directory)
+    config = ServerConfig(
+        profiles_dir=profiles_dir,
+        endpoints=parse_endpoints(args.endpoint),
+        base_names=tuple(args.served_model_name or [model]),
+        client_profiles=parse_client_profiles(args.client_profiles),
+        allow_inline_steering=args.allow_inline_steering,
+        allow_routing_capture=args.allow_routing_capture,
+        max_request_bytes=args.max_request_bytes,
+        audit_log=str(Path(args.audit_log).resolve()) if args.audit_log else None,
+    )
+    check_profiles(config, model)
+    compat.check_serving_setup(vllm_args)
+    vllm_argv = compat.vllm_serve_argv(model, vllm_args, config.served_names, args.middleware)
+    return config, vllm_argv, args.admin_token
+
+
+def serve_main(argv: Sequence[str]) -> int:
+    """Entry point of `steermoe serve`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config, vllm_argv, admin_token = prepare(argv)
+    except (ConfigError, compat.ServingSetupError) as exc:
+        print(f"steermoe serve: error: {exc}", file=sys.stderr)
+        return 2
+    os.environ[CONFIG_ENV] = config.to_json()
+    if config.profiles_dir:
+        os.environ[PROFILE_DIR_ENV] = config.profiles_dir
+    if admin_token:
+        os.environ[ADMIN_TOKEN_ENV] = admin_token
+    logger.info("steermoe: serving %s with steering config %s", vllm_argv[1], config.to_json())
+    return compat.run_vllm_serve(vllm_argv)
