@@ -586,7 +586,7 @@ def padded_vocab_size() -> int:
     return 64 * math.ceil(tokenizer_size() / 64)
 
 
-def _write_tokenizer(out: Path) -> None:
+def write_tokenizer(out: Path) -> None:
     (out / "tokenizer.json").write_text(_tokenizer_json(), encoding="utf-8")
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -757,7 +757,7 @@ def build_checkpoint(
 
     config_path = out / "config.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    _write_tokenizer(out)
+    write_tokenizer(out)
     generation = {
         "bos_token_id": config.get("bos_token_id"),
         "eos_token_id": config.get("eos_token_id"),
