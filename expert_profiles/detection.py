@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from expert_profiles.pairs import (
 from expert_profiles.profile_outputs import profile_from_selection, save_with_stats
 from expert_profiles.selection import Direction, select_experts
 from expert_profiles.store import ProfileExistsError, ProfileStore, validate_name
+from vllm_patches.routing_capture import KEEP_ENV, capture_keep
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,6 @@ STATE_VERSION = 1
 DEFAULT_ACTIVATE = 10
 DEFAULT_DEACTIVATE = 10
 DEFAULT_BATCH_SIZE = 32
-CAPTURE_KEEP_ENV = "STEERMOE_CAPTURE_KEEP"  # as in vllm_patches.routing_capture
-DEFAULT_CAPTURE_KEEP = "4096"
 
 
 class DetectionError(RuntimeError):
@@ -279,11 +277,11 @@ def detect_profile(llm: Any, pairs_path: str | Path, out_dir: str | Path, *, nam
     `llm` must have been started with enable_prefix_caching=False (`start_detection_engine`).
     """
     validate_name(name)
-    keep = int(os.environ.get(CAPTURE_KEEP_ENV, DEFAULT_CAPTURE_KEEP))
+    keep = capture_keep()
     if not 1 <= 2 * batch_size <= keep:
         raise ValueError(
             f"batch_size must be between 1 and {keep // 2} (the engine keeps {keep} routing "
-            f"records, {CAPTURE_KEEP_ENV}; each pair makes two)"
+            f"records, {KEEP_ENV}; each pair makes two)"
         )
     pairs_path = Path(pairs_path)
     store = ProfileStore(out_dir, create=True)

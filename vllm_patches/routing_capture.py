@@ -29,6 +29,12 @@ import numpy as np
 import torch
 
 KEEP_ENV = "STEERMOE_CAPTURE_KEEP"
+DEFAULT_KEEP = 4096
+
+
+def capture_keep() -> int:
+    """How many routing records an engine keeps until they are fetched."""
+    return int(os.environ.get(KEEP_ENV, DEFAULT_KEEP))
 TAKE_METHOD = "steermoe_take_routing"
 
 
@@ -68,7 +74,7 @@ class RoutingRecorder:
         self.recording = False
         self._step: list[tuple[str, int, int, int]] = []
         self._records: OrderedDict[str, _PendingRecord] = OrderedDict()
-        self._keep = int(os.environ.get(KEEP_ENV, "4096"))
+        self._keep = capture_keep()
 
     def plan_step(self, entries: list[tuple[str, int, int, int]]) -> None:
         """entries: (capture id, first token index in the step, token count, first position)."""
