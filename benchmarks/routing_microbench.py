@@ -8,7 +8,10 @@ For each (tokens, experts) this times, in one run and on the same inputs:
 * torch_edit  the steering edit as plain torch (`steering_math.steer_router_logits`);
 * triton_edit the Triton kernel (`triton_steering.steer_router_logits_triton`); CUDA only,
               unless --triton-interpret (CPU interpreter: correct but far too slow to mean much);
-* *_edit+vllm the edit followed by vLLM's top-k, as the engine runs them.
+* *_edit+vllm the edit followed by vLLM's top-k, as the engine runs them;
+* fused_torch the steered top-k in one call, plain torch (`fused_routing.steered_topk_torch`);
+* fused       the steered top-k as one Triton kernel (`fused_routing.steered_topk_triton`);
+              CUDA only, unless --triton-interpret.
 
 Half the rows are steered, spread over 4 profiles. Times are medians in microseconds per call
 (CUDA events on CUDA, time.perf_counter on CPU, both after warmup; each sample averages enough
@@ -33,7 +36,7 @@ from typing import Any
 
 import torch
 
-CPU_TOKENS = "1,16,256,2048"
+CPU_TOKENS = "1,16,256,2048,16384"
 CUDA_TOKENS = "1,16,256,2048,16384"
 NUM_PROFILES = 4
 # In the interpreter the Triton kernel costs milliseconds per row; only small T are timed.
@@ -95,6 +98,26 @@ def torch_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return weights / weights.sum(dim=-1, keepdim=True), ids.to(torch.int32)
 
 
+Routing = tuple[torch.Tensor, torch.Tensor]
+
+
+def same_routing(got: Routing, ref: Routing, logits: torch.Tensor) -> bool:
+    """Same weights per row (sorted, within 1e-4) and same experts, except where the k-th and
+    (k+1)-th best `logits` tie (either router may break that tie its own way)."""
+    k = got[1].shape[1]
+    weights_a = torch.sort(got[0].float(), dim=1, descending=True).values
+    weights_b = torch.sort(ref[0].float(), dim=1, descending=True).values
+    if not torch.allclose(weights_a, weights_b, atol=1e-4):
+        return False
+    ids_a = torch.sort(got[1].long(), dim=1).values
+    ids_b = torch.sort(ref[1].long(), dim=1).values
+    checked = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    if k < logits.shape[1]:
+        top = torch.topk(logits.float(), k + 1, dim=1).values
+        checked = top[:, k - 1] != top[:, k]
+    return torch.equal(ids_a[checked], ids_b[checked])
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -140,6 +163,7 @@ def bench_one(
     triton_edit: Callable[..., torch.Tensor] | None,
 ) -> dict[str, Any]:
     """Time every variant for one (T, E); returns a row of the results table."""
+    from vllm_patches.fused_routing import steered_topk_torch, steered_topk_triton
     from vllm_patches.steering_math import steer_router_logits
 
     dtype = getattr(torch, args.dtype)
@@ -171,6 +195,23 @@ def bench_one(
                 lambda: vllm_topk(triton_edit(logits, profiles, masks, eps, out=out), k), reps
             )
 
+    row["fused_torch_us"] = t(
+        lambda: steered_topk_torch(logits, profiles, masks, eps, k, True)
+    )
+    row["fused_us"] = row["fused_matches"] = None
+    if triton_edit is not None and not (interpret and num_tokens > INTERPRET_MAX_TOKENS):
+        edited = steer_router_logits(logits, profiles, masks, eps)
+        reference = torch_topk(edited, k)
+        fused = (torch.empty(num_tokens, k, device=args.device),
+                 torch.empty(num_tokens, k, dtype=torch.int32, device=args.device))
+        row["fused_matches"] = same_routing(
+            steered_topk_triton(logits, profiles, masks, eps, k, True), reference, edited
+        )
+        reps = min(args.repeats, 3) if interpret else args.repeats
+        row["fused_us"] = t(
+            lambda: steered_topk_triton(logits, profiles, masks, eps, k, True, out=fused), reps
+        )
+
     def ratio(num: str, den: str) -> float | None:
         a, b = row.get(num), row.get(den)
         return None if a is None or b is None else a / b
@@ -181,6 +222,8 @@ def bench_one(
     row["triton_edit/topk"] = ratio("triton_edit_us", base)
     row["(torch_edit+topk)/topk"] = ratio("torch_edit+vllm_us", "vllm_topk_us")
     row["(triton_edit+topk)/topk"] = ratio("triton_edit+vllm_us", "vllm_topk_us")
+    row["fused_torch/topk"] = ratio("fused_torch_us", base)
+    row["fused/topk"] = ratio("fused_us", base)
     return row
 
 
@@ -197,6 +240,10 @@ COLUMNS = [
     ("triton_edit/topk", "tr_edit/topk", "{:.2f}"),
     ("(torch_edit+topk)/topk", "(t_edit+topk)/topk", "{:.2f}"),
     ("(triton_edit+topk)/topk", "(tr_edit+topk)/topk", "{:.2f}"),
+    ("fused_torch_us", "fused_torch", "{:.1f}"),
+    ("fused_us", "fused", "{:.1f}"),
+    ("fused_torch/topk", "fused_torch/topk", "{:.2f}"),
+    ("fused/topk", "fused/topk", "{:.2f}"),
 ]
 
 
@@ -282,9 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         for num_experts in _int_list(args.experts):
             rows.append(bench_one(num_tokens, num_experts, args, vllm_topk, triton_edit))
     print(format_table(rows))
-    mismatched = [r for r in rows if r["triton_matches"] is False]
+    mismatched = [r for r in rows if r["triton_matches"] is False or r["fused_matches"] is False]
     if mismatched:
-        print(f"WARNING: Triton edit differs from the torch edit for {len(mismatched)} shapes")
+        print(f"WARNING: a Triton kernel differs from its torch reference for {len(mismatched)} "
+              "shapes (triton_matches / fused_matches in the JSON)")
 
     if args.json:
         meta = {

@@ -94,6 +94,14 @@ def _check_args(
             raise ValueError(f"{topk_group} groups hold fewer than top_k={top_k} experts")
 
 
+def _check_record(record: torch.Tensor | None, num_tokens: int, top_k: int) -> None:
+    if record is None:
+        return
+    if (record.dim() != 2 or record.shape[0] < num_tokens or record.shape[1] < top_k
+            or record.dtype != torch.int32 or record.stride(1) != 1):
+        raise ValueError(f"record must be int32 [>= {num_tokens}, >= {top_k}], rows contiguous")
+
+
 def _empty_outputs(
     num_tokens: int, top_k: int, device: torch.device, indices_type: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,9 +146,17 @@ def steered_logits_fp32(
 
 
 def _topk_lowest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k along dim 1, descending, ties to the lowest index (a stable sort)."""
-    values, ids = torch.sort(scores, dim=1, descending=True, stable=True)
-    return values[:, :k], ids[:, :k]
+    """Top-k along dim 1 of float32 scores >= 0 (or -1 for excluded entries), descending, ties
+    to the lowest index.
+
+    Selects on one int64 key per entry: the score's bits (ordered like the scores, as they are
+    not negative) above the reversed index, so equal scores rank by index. One `topk`, no sort.
+    """
+    num_cols = scores.shape[1]
+    bits = scores.view(torch.int32).long()
+    reversed_index = num_cols - 1 - torch.arange(num_cols, device=scores.device)
+    _, ids = torch.topk((bits << 32) | reversed_index, k, dim=1)
+    return scores.gather(1, ids), ids
 
 
 def route_softmax_topk(
@@ -161,7 +177,7 @@ def route_softmax_topk(
         _, groups = _topk_lowest_index(group_scores, topk_group)
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
         keep = keep.repeat_interleave(probs.shape[1] // num_expert_group, dim=1)
-        scores = probs.masked_fill(~keep, float("-inf"))
+        scores = probs.masked_fill(~keep, -1.0)  # below every probability
     weights, ids = _topk_lowest_index(scores, top_k)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -182,14 +198,18 @@ def steered_topk_torch(
     topk_group: int | None = None,
     routed_scaling_factor: float = 1.0,
     indices_type: torch.dtype | None = None,
+    record: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fused_steered_topk` in plain torch (any device; no host sync, graph-capturable)."""
     _check_args(router_logits, token_profiles, layer_masks, eps, top_k, num_expert_group,
                 topk_group)
+    _check_record(record, router_logits.shape[0], top_k)
     edited = steered_logits_fp32(router_logits, token_profiles, layer_masks, eps)
     weights, ids = route_softmax_topk(
         edited, top_k, renormalize, num_expert_group, topk_group, routed_scaling_factor
     )
+    if record is not None:
+        record[: ids.shape[0], :top_k].copy_(ids)
     return weights, ids.to(indices_type or torch.int32)
 
 
@@ -207,6 +227,7 @@ def _kernel() -> Any:
         logits_ptr,
         weights_ptr,
         ids_ptr,
+        record_ptr,
         profiles_ptr,
         masks_ptr,
         eps_ptr,
@@ -219,6 +240,7 @@ def _kernel() -> Any:
         stride_lc,
         stride_wr,
         stride_ir,
+        stride_rec,
         stride_p,
         stride_mr,
         stride_mc,
@@ -232,6 +254,7 @@ def _kernel() -> Any:
         RENORMALIZE: tl.constexpr,
         NUM_GROUPS: tl.constexpr,
         TOPK_GROUP: tl.constexpr,
+        HAS_RECORD: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < num_tokens
@@ -319,6 +342,8 @@ def _kernel() -> Any:
         out_mask = row_ok[:, None] & (slots < TOP_K)
         tl.store(weights_ptr + rows[:, None] * stride_wr + slots, top_w, mask=out_mask)
         tl.store(ids_ptr + rows[:, None] * stride_ir + slots, top_i, mask=out_mask)
+        if HAS_RECORD:
+            tl.store(record_ptr + rows[:, None] * stride_rec + slots, top_i, mask=out_mask)
 
     return _fused_steered_topk_kernel
 
@@ -348,8 +373,10 @@ def steered_topk_triton(
     routed_scaling_factor: float = 1.0,
     indices_type: torch.dtype | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    record: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fused_steered_topk` as one Triton launch; `out` = preallocated (weights, ids)."""
+    _check_record(record, router_logits.shape[0], top_k)
     _check_args(router_logits, token_profiles, layer_masks, eps, top_k, num_expert_group,
                 topk_group)
     num_tokens, num_cols = router_logits.shape
@@ -373,6 +400,7 @@ def steered_topk_triton(
         router_logits,
         weights,
         ids,
+        ids if record is None else record,
         token_profiles,
         layer_masks,
         eps,
@@ -385,6 +413,7 @@ def steered_topk_triton(
         router_logits.stride(1),
         weights.stride(0),
         ids.stride(0),
+        0 if record is None else record.stride(0),
         token_profiles.stride(0),
         layer_masks.stride(0),
         layer_masks.stride(1),
@@ -398,6 +427,7 @@ def steered_topk_triton(
         RENORMALIZE=bool(renormalize),
         NUM_GROUPS=num_expert_group or 0,
         TOPK_GROUP=topk_group or 0,
+        HAS_RECORD=record is not None,
         num_warps=num_warps,
     )
     return weights, ids
@@ -418,6 +448,7 @@ def fused_steered_topk(
     topk_group: int | None = None,
     routed_scaling_factor: float = 1.0,
     indices_type: torch.dtype | None = None,
+    record: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steered softmax top-k routing: (topk_weights fp32 [T, k], topk_ids int32 [T, k]).
@@ -426,6 +457,8 @@ def fused_steered_topk(
         E = layer_masks.shape[1] can be steered.
     token_profiles: [>= T] int32/int64; entry t is token t's row of layer_masks, 0 = unsteered.
     layer_masks: [P, E] int8 (+1 activate, -1 deactivate, 0 leave); eps: [P] float32.
+    record: optional int32 [>= T, >= k] buffer (the routing-capture buffer of this layer): the
+        ids are also written to its first T rows, so capturing routing costs no extra kernel.
     backend: "triton", "torch", or "auto" (Triton for CUDA tensors, and for CPU tensors under
         TRITON_INTERPRET=1; torch otherwise).
     """
@@ -437,6 +470,7 @@ def fused_steered_topk(
         topk_group=topk_group,
         routed_scaling_factor=routed_scaling_factor,
         indices_type=indices_type,
+        record=record,
     )
     if backend == "triton":
         return steered_topk_triton(
