@@ -19,4 +19,5 @@ test: lint
 	$(PYTHON) -m pytest tests -q
 
 demo: setup
+	steermoe demo prepare $(DEMO_DIR)
 	steermoe demo serve $(DEMO_DIR) --port $(PORT)

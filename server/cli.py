@@ -2,6 +2,7 @@
 
     steermoe serve MODEL ...   the OpenAI-compatible steering server (server.serve_command)
     steermoe profile ...       manage, detect and import steering profiles (expert_profiles.cli)
+    steermoe demo ...          the demo model with planted behaviours (expert_profiles.demo)
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ USAGE = """usage: steermoe COMMAND ...
 commands:
   serve     serve a model with vLLM's OpenAI-compatible API, steerable per request
             (steermoe serve MODEL [vllm serve options] [steering options]; see --help)
-  profile   manage, detect and import steering profiles (see steermoe profile --help)"""
+  profile   manage, detect and import steering profiles (see steermoe profile --help)
+  demo      build, prepare and serve the demo model (see steermoe demo --help)"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from expert_profiles.cli import profile_main
 
         return int(profile_main(args[1:]) or 0)
+    if args and args[0] == "demo":
+        from expert_profiles.demo.cli import main as demo_main
+
+        return int(demo_main(args[1:]) or 0)
     if args and args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
