@@ -3,6 +3,8 @@
     steermoe serve MODEL ...   the OpenAI-compatible steering server (server.serve_command)
     steermoe profile ...       manage, detect and import steering profiles (expert_profiles.cli)
     steermoe demo ...          the demo model with planted behaviours (expert_profiles.demo)
+    steermoe eval ...          behaviour rates per steering setting (expert_profiles.evaluation)
+    steermoe audit ...         refusal rate as top-N safety experts are suppressed
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ commands:
   serve     serve a model with vLLM's OpenAI-compatible API, steerable per request
             (steermoe serve MODEL [vllm serve options] [steering options]; see --help)
   profile   manage, detect and import steering profiles (see steermoe profile --help)
-  demo      build, prepare and serve the demo model (see steermoe demo --help)"""
+  demo      build, prepare and serve the demo model (see steermoe demo --help)
+  eval      behaviour rate per steering setting against an OpenAI-compatible server
+  audit     refusal rate as the top-N safety experts are suppressed"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,6 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from expert_profiles.demo.cli import main as demo_main
 
         return int(demo_main(args[1:]) or 0)
+    if args and args[0] == "eval":
+        from expert_profiles.evaluation.cli import main as eval_main
+
+        return int(eval_main(args[1:]) or 0)
+    if args and args[0] == "audit":
+        from expert_profiles.evaluation.audit import main as audit_main
+
+        return int(audit_main(args[1:]) or 0)
     if args and args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

@@ -1,0 +1,113 @@
+"""`steermoe demo prepare DIR`: the demo model (built once) and its profiles, detected.
+
+DIR/model is the checkpoint (`build`); DIR/profiles gets `words` (digits -> words),
+`digits` (words -> digits) and `safety` (refusal on for restricted requests), each made by
+the detection code path (`expert_profiles.detection.detect_profile`, what
+`steermoe profile detect` runs) from the pairs the build wrote. Done again only when the model
+or the detection settings change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from expert_profiles.demo.build import MARKER, MAX_MODEL_LEN, build
+from expert_profiles.demo.data import PLANTED_LAYERS
+
+logger = logging.getLogger(__name__)
+
+PREPARED_MARKER = ".prepared.json"
+PLANTED_COUNT = len(PLANTED_LAYERS)
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    name: str
+    pairs: str  # pairs file under the model directory
+    direction: str
+    description: str
+
+
+PROFILES = (
+    ProfileSpec("words", "pairs/words.jsonl", "1to2", "answer arithmetic in number words"),
+    ProfileSpec("digits", "pairs/words.jsonl", "2to1", "answer arithmetic in digits"),
+    ProfileSpec("safety", "pairs/safety.jsonl", "1to2", "refuse the demo's restricted requests"),
+)
+# The settings of `steermoe profile detect --activate N --deactivate M` for every profile.
+DETECT_SETTINGS = {"activate": PLANTED_COUNT, "deactivate": PLANTED_COUNT}
+ENGINE_DEFAULTS: dict[str, Any] = {"dtype": "float32", "max_model_len": MAX_MODEL_LEN,
+                                   "enforce_eager": True, "seed": 0,
+                                   # on CPU engines: the share of RAM kept for the KV cache
+                                   "gpu_memory_utilization": 0.15}
+
+
+def paths(directory: str | Path) -> tuple[Path, Path]:
+    """(model directory, profile directory) of a demo directory."""
+    root = Path(directory)
+    return root / "model", root / "profiles"
+
+
+def _wanted(model_dir: Path) -> dict[str, Any]:
+    return {"model": json.loads((model_dir / MARKER).read_text()), "detect": DETECT_SETTINGS,
+            "profiles": [spec.__dict__ for spec in PROFILES]}
+
+
+def is_prepared(directory: str | Path) -> bool:
+    model_dir, profile_dir = paths(directory)
+    try:
+        marker = json.loads((profile_dir / PREPARED_MARKER).read_text())
+        return marker == _wanted(model_dir) and all(
+            (profile_dir / f"{spec.name}.json").exists() for spec in PROFILES)
+    except (OSError, ValueError):
+        return False
+
+
+def detect_all(llm: Any, model_dir: Path, profile_dir: Path, progress: bool = False) -> None:
+    """Detect every profile of PROFILES on a running detection engine (overwriting)."""
+    from expert_profiles.detection import detect_profile
+
+    for spec in PROFILES:
+        result = detect_profile(
+            llm, model_dir / spec.pairs, profile_dir, name=spec.name,
+            direction=spec.direction, overwrite=True, description=spec.description,
+            progress=progress, **DETECT_SETTINGS,
+        )
+        logger.info("steermoe demo: profile %s: %d activated, %d deactivated (%d pairs)",
+                    spec.name, result.activated, result.deactivated, result.pairs_used)
+
+
+def prepare(directory: str | Path, progress: bool = False,
+            engine_kwargs: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Build (cached) and detect the profiles (cached); returns (model dir, profile dir)."""
+    from expert_profiles.detection import start_detection_engine
+
+    model_dir, profile_dir = paths(directory)
+    build(model_dir, progress=progress)
+    if is_prepared(directory):
+        return model_dir, profile_dir
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    (profile_dir / PREPARED_MARKER).unlink(missing_ok=True)
+    for stale in profile_dir.glob("*.detect-state.npz"):
+        stale.unlink()
+    llm = start_detection_engine(model_dir, **{**ENGINE_DEFAULTS, **(engine_kwargs or {})})
+    try:
+        detect_all(llm, model_dir, profile_dir, progress=progress)
+    finally:
+        shutdown(llm)
+    (profile_dir / PREPARED_MARKER).write_text(json.dumps(_wanted(model_dir)) + "\n")
+    return model_dir, profile_dir
+
+
+def shutdown(llm: Any) -> None:
+    """Stop an `LLM`'s engine core now (rather than at interpreter exit)."""
+    import contextlib
+    import gc
+
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()

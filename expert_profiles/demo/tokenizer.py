@@ -1,0 +1,58 @@
+"""The demo's byte-level BPE tokenizer, trained on the task's own texts (small vocabulary).
+
+Special tokens, chat template and tokenizer_config follow `vllm_patches.checkpoint_factory`,
+so the demo checkpoint is served like the project's other local checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from expert_profiles.demo.task import vocabulary_corpus
+from vllm_patches.checkpoint_factory import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+
+# Large enough that every word of the task becomes one token; training stops earlier.
+_MAX_VOCAB = 4096
+
+
+def tokenizer_json() -> str:
+    """Train the tokenizer on the task corpus (deterministic) and return its JSON."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_MAX_VOCAB, min_frequency=1, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    corpus = vocabulary_corpus()
+    # Both spellings of each line: at the start of a message and after a space.
+    tokenizer.train_from_iterator(corpus + [" " + line for line in corpus], trainer=trainer)
+    return tokenizer.to_str()
+
+
+def write_tokenizer(out: Path, text: str) -> None:
+    """tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json."""
+    (out / "tokenizer.json").write_text(text, encoding="utf-8")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
+        "additional_special_tokens": list(SPECIAL_TOKENS[3:]),
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 512,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def load_tokenizer(directory: Path):
+    """The transformers fast tokenizer of a directory written by `write_tokenizer`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))

@@ -1,0 +1,103 @@
+"""Summaries of evaluation rows: per-setting rates with Wilson intervals, table, chart, JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from expert_profiles.evaluation.stats import Rate, wilson
+
+BEHAVIOUR, CONTROL = "behaviour", "control"
+
+
+def rate_of(rows: Sequence[dict[str, Any]], setting: str, set_name: str) -> Rate:
+    judged = [r for r in rows if r["setting"] == setting and r["set"] == set_name
+              and r.get("error") is None and r.get("verdict") is not None]
+    return wilson(sum(bool(r["verdict"]) for r in judged), len(judged))
+
+
+def summarize(rows: Sequence[dict[str, Any]], settings: Sequence[str],
+              behaviour: str) -> dict[str, Any]:
+    """{"behaviour": name, "settings": [{label, behaviour, control, errors}]}."""
+    out = []
+    for label in settings:
+        errors = sum(1 for r in rows if r["setting"] == label and r.get("error"))
+        entry = {"setting": label, "behaviour": rate_of(rows, label, BEHAVIOUR).to_dict(),
+                 "errors": errors}
+        control = rate_of(rows, label, CONTROL)
+        entry["control_accuracy"] = control.to_dict() if control.total else None
+        out.append(entry)
+    return {"behaviour": behaviour, "settings": out}
+
+
+def _cell(data: dict[str, Any] | None) -> str:
+    if not data or not data["n"]:
+        return "n/a"
+    low, high = data["ci95"]
+    return f"{data['rate']:.1%} [{low:.1%}, {high:.1%}] ({data['hits']}/{data['n']})"
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    lines = [f"| setting | {summary['behaviour']} rate (95% CI) | control accuracy (95% CI) "
+             "| errors |", "|---|---|---|---|"]
+    for entry in summary["settings"]:
+        lines.append(f"| {entry['setting']} | {_cell(entry['behaviour'])} | "
+                     f"{_cell(entry['control_accuracy'])} | {entry['errors']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _errorbars(entries: list[dict[str, Any] | None]) -> tuple[list[float], list[list[float]]]:
+    values, low, high = [], [], []
+    for data in entries:
+        if data and data["n"]:
+            values.append(data["rate"])
+            low.append(data["rate"] - data["ci95"][0])
+            high.append(data["ci95"][1] - data["rate"])
+        else:
+            values.append(0.0)
+            low.append(0.0)
+            high.append(0.0)
+    return values, [low, high]
+
+
+def chart(summary: dict[str, Any], path: Path, title: str = "") -> Path:
+    """Grouped bars: behaviour rate and control accuracy per setting, with 95% CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [e["setting"] for e in summary["settings"]]
+    positions = list(range(len(labels)))
+    has_control = any(e["control_accuracy"] for e in summary["settings"])
+    width = 0.38 if has_control else 0.6
+    figure, axes = plt.subplots(figsize=(max(4.0, 1.3 * len(labels) + 1.5), 3.4), dpi=100)
+    values, errors = _errorbars([e["behaviour"] for e in summary["settings"]])
+    shift = -width / 2 if has_control else 0.0
+    axes.bar([p + shift for p in positions], values, width, yerr=errors, capsize=3,
+             label=f"{summary['behaviour']} rate", color="#c44e52")
+    if has_control:
+        values, errors = _errorbars([e["control_accuracy"] for e in summary["settings"]])
+        axes.bar([p + width / 2 for p in positions], values, width, yerr=errors, capsize=3,
+                 label="control accuracy", color="#4c72b0")
+    axes.set_xticks(positions, labels)
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("rate (95% Wilson CI)")
+    axes.set_title(title or f"{summary['behaviour']} by steering setting")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def write_reports(summary: dict[str, Any], out_dir: Path, title: str = "") -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "summary.json", "table": out_dir / "summary.md",
+             "chart": out_dir / "chart.png"}
+    paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    paths["table"].write_text(markdown_table(summary))
+    chart(summary, paths["chart"], title)
+    return paths
