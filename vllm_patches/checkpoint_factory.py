@@ -586,8 +586,13 @@ def padded_vocab_size() -> int:
     return 64 * math.ceil(tokenizer_size() / 64)
 
 
-def write_tokenizer(out: Path) -> None:
-    (out / "tokenizer.json").write_text(_tokenizer_json(), encoding="utf-8")
+def write_tokenizer(
+    out: Path, tokenizer_json: str | None = None, model_max_length: int = 2048
+) -> None:
+    """tokenizer.json (this module's, unless given), tokenizer_config.json with the chat
+    template, special_tokens_map.json."""
+    text = _tokenizer_json() if tokenizer_json is None else tokenizer_json
+    (out / "tokenizer.json").write_text(text, encoding="utf-8")
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
@@ -596,7 +601,7 @@ def write_tokenizer(out: Path) -> None:
         "unk_token": None,
         "additional_special_tokens": list(SPECIAL_TOKENS[3:]),
         "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 2048,
+        "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
         "add_bos_token": False,
         "add_eos_token": False,

@@ -6,11 +6,10 @@ so the demo checkpoint is served like the project's other local checkpoints.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from expert_profiles.demo.task import vocabulary_corpus
-from vllm_patches.checkpoint_factory import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+from vllm_patches.checkpoint_factory import SPECIAL_TOKENS
 
 # Large enough that every word of the task becomes one token; training stops earlier.
 _MAX_VOCAB = 4096
@@ -35,20 +34,9 @@ def tokenizer_json() -> str:
 
 def write_tokenizer(out: Path, text: str) -> None:
     """tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json."""
-    (out / "tokenizer.json").write_text(text, encoding="utf-8")
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
-        "additional_special_tokens": list(SPECIAL_TOKENS[3:]),
-        "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 512,
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    from vllm_patches.checkpoint_factory import write_tokenizer as write_files
+
+    write_files(out, tokenizer_json=text, model_max_length=512)
 
 
 def load_tokenizer(directory: Path):
