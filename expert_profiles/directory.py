@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from expert_profiles.schema import SteeringProfile
+from expert_profiles.schema import SteeringProfile, describe_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,7 @@ def load_profile_file(path: str | Path) -> SteeringProfile:
     try:
         profile = SteeringProfile.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'profile'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = describe_validation_error(exc, "profile")
         raise ProfileFileError(f"{path.name}: {problems}") from None
     if profile.name != path.stem:
         raise ProfileFileError(

@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from expert_profiles.schema import describe_validation_error
+
 
 class PairsFileError(ValueError):
     """A line of a pairs file, or a side's rendering, that cannot be used."""
@@ -67,10 +69,7 @@ def parse_pair(line: str | bytes, line_number: int) -> Pair:
     try:
         return Pair.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'pair'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = describe_validation_error(exc, "pair")
         raise PairsFileError(f"line {line_number}: {problems}") from None
 
 

@@ -18,13 +18,27 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from expert_profiles.model_shape import ModelShape
 
 PROFILE_FORMAT = "steermoe-profile/1"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_EPS = 100.0
+
+
+def describe_validation_error(exc: ValidationError, root: str) -> str:
+    """A pydantic error as one line: `field.path: message; ...` (`root` when no field)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or root}: {err['msg']}" for err in exc.errors()
+    )
 
 
 class ProfileMismatchError(ValueError):

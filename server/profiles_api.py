@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from expert_profiles.schema import ProfileMismatchError, SteeringProfile
+from expert_profiles.schema import ProfileMismatchError, SteeringProfile, describe_validation_error
 from expert_profiles.store import ProfileNotFoundError
 from server.context import SteeringContext
 from server.errors import SteeringHTTPError
@@ -193,10 +193,7 @@ class ProfilesAPI:
         try:
             profile = SteeringProfile.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'profile'}: {err['msg']}"
-                for err in exc.errors()
-            )
+            problems = describe_validation_error(exc, "profile")
             raise SteeringHTTPError(400, f"invalid steering profile: {problems}") from None
         shape, reason = self.context.served_shape()
         if shape is None or reason is not None:

@@ -31,7 +31,12 @@ from pydantic import ValidationError
 
 from expert_profiles.directory import ProfileFileError, load_profile_file
 from expert_profiles.model_shape import ModelShape
-from expert_profiles.schema import NAME_PATTERN, ExpertSteering, ProfileMismatchError
+from expert_profiles.schema import (
+    NAME_PATTERN,
+    ExpertSteering,
+    ProfileMismatchError,
+    describe_validation_error,
+)
 
 PROFILE_KEY = "steering_profile"
 INLINE_KEY = "steering"
@@ -189,10 +194,7 @@ def resolve_request(
         try:
             sets = ExpertSteering.model_validate(inline)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or INLINE_KEY}: {e['msg']}"
-                for e in exc.errors()
-            )
+            problems = describe_validation_error(exc, INLINE_KEY)
             raise SteeringRequestError(f"invalid inline steering: {problems}") from None
         try:
             sets.check_shape(shape)
