@@ -72,8 +72,8 @@ def _link_new(tmp: str, path: Path) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise FileExistsError(f"{path} already exists") from None
+        raise FileExistsError(f"{path.name} already exists") from None
     except OSError:  # a filesystem without hard links: check, then rename
         if path.exists():
-            raise FileExistsError(f"{path} already exists") from None
+            raise FileExistsError(f"{path.name} already exists") from None
         os.replace(tmp, path)

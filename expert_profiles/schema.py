@@ -9,6 +9,11 @@
 LAYER keys are 0-based decoder-layer indices as vLLM numbers them; experts are 0-based.
 `eps` is optional (the engine default applies). `tags` is an optional list of labels
 (`lowers-safety` marks a profile that removes guardrails).
+
+Steering that selects no expert at all (no activated and no deactivated expert in any layer,
+e.g. `{}` or `{"activate": {"3": []}}`) is refused, inline in a request and as a profile alike:
+it would change nothing, and a request that asked for steering must not silently run without
+it.
 """
 
 from __future__ import annotations
@@ -26,12 +31,22 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from expert_profiles.model_shape import ModelShape
 
 PROFILE_FORMAT = "steermoe-profile/1"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_EPS = 100.0
+EMPTY_STEERING_MESSAGE = (
+    "steering selects no experts: give at least one expert to activate or deactivate"
+)
+# The pydantic error type of empty steering (`ValidationError.errors()[i]["type"]`).
+EMPTY_STEERING_ERROR = "empty_steering"
+# How deeply `source` may nest; deeper values could not be written back as JSON.
+MAX_SOURCE_DEPTH = 32
+# The longest layer key echoed in an error message.
+_MAX_ECHO = 40
 
 
 def describe_validation_error(exc: ValidationError, root: str) -> str:
@@ -69,10 +84,10 @@ def _normalise_sets(value: Any) -> ExpertSets:
     for layer, experts in value.items():
         if isinstance(layer, int) and not isinstance(layer, bool):
             layer_index = layer
-        elif isinstance(layer, str) and re.fullmatch(r"0|[1-9][0-9]*", layer):
+        elif isinstance(layer, str) and re.fullmatch(r"0|[1-9][0-9]{0,8}", layer):
             layer_index = int(layer)
         else:
-            raise ValueError(f"layer key {layer!r} is not a decimal layer index")
+            raise ValueError(f"layer key {_echo(layer)} is not a decimal layer index")
         if layer_index in seen:
             raise ValueError(f"layer {layer_index} is listed twice")
         seen.add(layer_index)
@@ -115,7 +130,18 @@ class ExpertSteering(BaseModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _selects_some_expert(self) -> ExpertSteering:
+        if self.is_empty():
+            raise PydanticCustomError(EMPTY_STEERING_ERROR, EMPTY_STEERING_MESSAGE)
+        return self
+
     def is_empty(self) -> bool:
+        """True if no expert is activated or deactivated.
+
+        Validation refuses such steering, so this holds only for an instance built without
+        validation (`model_construct`) or changed after it (assignment is not validated).
+        """
         return not self.activate and not self.deactivate
 
     def check_shape(self, shape: ModelShape) -> None:
@@ -173,6 +199,13 @@ class SteeringProfile(ExpertSteering):
     tags: list[str] = Field(default_factory=list)
     source: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("source")
+    @classmethod
+    def _shallow_source(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if _depth(value) > MAX_SOURCE_DEPTH:
+            raise ValueError(f"nested more than {MAX_SOURCE_DEPTH} levels deep")
+        return value
+
     @model_validator(mode="after")
     def _within_own_model(self) -> SteeringProfile:
         shape = ModelShape(
@@ -200,6 +233,30 @@ class SteeringProfile(ExpertSteering):
     def to_json(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True)
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects (a scalar is 0); stops past the limit."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_SOURCE_DEPTH:
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _echo(value: Any) -> str:
+    """`repr(value)`, cut to a length fit for an error message."""
+    text = repr(value)
+    return text if len(text) <= _MAX_ECHO else text[:_MAX_ECHO] + "..."
 
 
 def _describe(architecture: str, layers: int, experts: int, top_k: int) -> str:

@@ -4,13 +4,20 @@ Beside a profile may lie the statistics it was selected from (`NAME.stats.csv`, 
 `expert_stats`) and their picture (`NAME.heatmap.png`); neither ends in `.json`, so profile
 loaders never take them for profiles. Every write is atomic (`atomic_files`): a reader, such
 as a running server that re-reads changed files per request, sees the old file or the new one.
+
+Profile files are read as `directory.load_profile_file` reads them (regular files only, symlinks
+followed, at most `MAX_PROFILE_BYTES`). The messages of this module's errors name profiles, not
+paths: they may reach HTTP clients. The directory is kept on the error (`.directory`) for
+callers, such as a command line, that want to show it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import stat
 from pathlib import Path
 
 from expert_profiles.atomic_files import write_atomic
@@ -33,12 +40,27 @@ class InvalidProfileNameError(ValueError):
 class ProfileNotFoundError(KeyError):
     """No profile of that name in the store."""
 
+    def __init__(self, message: str = "profile not found", *, name: str | None = None,
+                 directory: Path | None = None):
+        super().__init__(message)
+        self.name = name
+        self.directory = directory
+
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "profile not found"
 
 
 class ProfileExistsError(FileExistsError):
     """A profile of that name exists and overwriting was not asked for."""
+
+    def __init__(self, message: str, *, name: str | None = None,
+                 directory: Path | None = None):
+        super().__init__(message)
+        self.name = name
+        self.directory = directory
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "profile exists"
 
 
 def validate_name(name: str) -> str:
@@ -88,11 +110,27 @@ class ProfileStore:
         return self.profile_path(name).is_file()
 
     def get(self, name: str) -> SteeringProfile:
-        """The profile `name`; ProfileNotFoundError if absent, ProfileFileError if unusable."""
+        """The profile `name`; ProfileNotFoundError if absent, ProfileFileError if unusable
+        (also when NAME.json is there but is no regular file, e.g. a FIFO or directory)."""
         path = self.profile_path(name)
-        if not path.is_file():
-            raise ProfileNotFoundError(f"no profile {name!r} in {self.directory}")
+        if not self._present(path):
+            raise self._not_found(name)
         return load_profile_file(path)
+
+    def _not_found(self, name: str) -> ProfileNotFoundError:
+        return ProfileNotFoundError(f"no profile {name!r} in the profile directory",
+                                    name=name, directory=self.directory)
+
+    @staticmethod
+    def _present(path: Path) -> bool:
+        """Whether a directory entry (of any kind, a dangling link too) is at `path`."""
+        try:
+            os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError:
+            return True  # there may be something; reading it reports the problem
+        return True
 
     def put(self, profile: SteeringProfile, *, overwrite: bool = False) -> Path:
         """Write `profile` as NAME.json atomically; ProfileExistsError unless `overwrite`."""
@@ -103,16 +141,24 @@ class ProfileStore:
             write_atomic(path, checked.to_json().encode("utf-8"), overwrite=overwrite)
         except FileExistsError:
             raise ProfileExistsError(
-                f"profile {checked.name!r} already exists in {self.directory} "
-                "(overwrite it explicitly)"
+                f"profile {checked.name!r} already exists (overwrite it explicitly)",
+                name=checked.name, directory=self.directory,
             ) from None
         return path
 
     def delete(self, name: str) -> list[Path]:
-        """Remove the profile and the files stored beside it; returns the removed paths."""
+        """Remove the profile and the files stored beside it; returns the removed paths.
+
+        NAME.json may be any entry but a directory (a symlink is removed, not its target), so
+        a profile that cannot be read can still be deleted.
+        """
         path = self.profile_path(name)
-        if not path.is_file():
-            raise ProfileNotFoundError(f"no profile {name!r} in {self.directory}")
+        try:
+            mode = os.lstat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._not_found(name) from None
+        if stat.S_ISDIR(mode):
+            raise self._not_found(name)
         removed = []
         for candidate in (path, self.stats_path(name), self.heatmap_path(name)):
             with contextlib.suppress(FileNotFoundError):

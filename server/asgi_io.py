@@ -25,6 +25,23 @@ def header_map(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in headers}
 
 
+# Headers that decide how a request is read or who sends it: a second copy is refused, since
+# the steering layer and vLLM could each read a different one.
+SINGLE_HEADERS = (b"content-type", b"authorization", b"content-length", b"transfer-encoding")
+
+
+def duplicated_header(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The first of SINGLE_HEADERS that appears more than once, or None."""
+    seen: set[bytes] = set()
+    for name, _ in headers:
+        key = name.lower()
+        if key in SINGLE_HEADERS:
+            if key in seen:
+                return key.decode("latin-1")
+            seen.add(key)
+    return None
+
+
 def route_path(scope: Scope) -> str:
     """The request path without the app's root path or a trailing slash."""
     path: str = scope.get("path", "")

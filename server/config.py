@@ -2,24 +2,31 @@
 
 `steermoe serve` writes the config to `STEERMOE_SERVER_CONFIG`; the middleware reads it in the
 API server process (or processes). The admin token travels separately in
-`STEERMOE_ADMIN_TOKEN` so the config can be logged. Without `STEERMOE_SERVER_CONFIG` (plain
-`vllm serve --middleware ...`), defaults apply and the profile directory is
-`STEERMOE_PROFILE_DIR`.
+`STEERMOE_ADMIN_TOKEN` so the config can be logged; the operator gives it in that variable or
+in a file (`--admin-token-file`, read by `read_admin_token_file`), never on the command line,
+where every user of the machine could read it in the process list. Without
+`STEERMOE_SERVER_CONFIG` (plain `vllm serve --middleware ...`), defaults apply and the profile
+directory is `STEERMOE_PROFILE_DIR`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from expert_profiles.schema import NAME_PATTERN
 from vllm_patches.request_steering import PROFILE_DIR_ENV
 
+logger = logging.getLogger("steermoe.serve")
+
 CONFIG_ENV = "STEERMOE_SERVER_CONFIG"
 ADMIN_TOKEN_ENV = "STEERMOE_ADMIN_TOKEN"
+MAX_ADMIN_TOKEN_FILE_BYTES = 4096
 LOWERS_SAFETY_TAG = "lowers-safety"
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 NO_PROFILES = "none"
@@ -131,3 +138,54 @@ def parse_client_profiles(text: str | None) -> tuple[str, ...] | None:
 def admin_token_from_env() -> str | None:
     token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
     return token or None
+
+
+def read_admin_token_file(path: str | os.PathLike[str]) -> str:
+    """The admin token held in the file `path` (surrounding whitespace stripped).
+
+    ConfigError for a file that cannot be read, is not a regular file (a symlink to a regular
+    file is followed, as with mounted secrets; a FIFO or device is refused without blocking),
+    is larger than MAX_ADMIN_TOKEN_FILE_BYTES, is not UTF-8 or holds an empty token or one with
+    characters other than printable ASCII. Warns when group or others may read the file.
+    The error messages never contain the file's content.
+    """
+    where = f"--admin-token-file {os.fspath(path)}"
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot open: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{where}: not a regular file")
+        if info.st_size > MAX_ADMIN_TOKEN_FILE_BYTES:
+            raise ConfigError(f"{where}: larger than {MAX_ADMIN_TOKEN_FILE_BYTES} bytes; "
+                              "it should hold only the token")
+        if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+            logger.warning("steermoe: %s is readable by group or others (mode %o); "
+                           "consider chmod 600", where, stat.S_IMODE(info.st_mode))
+        chunks, size = [], 0
+        while True:
+            chunk = os.read(fd, MAX_ADMIN_TOKEN_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_ADMIN_TOKEN_FILE_BYTES:
+                raise ConfigError(f"{where}: larger than {MAX_ADMIN_TOKEN_FILE_BYTES} bytes; "
+                                  "it should hold only the token")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        token = b"".join(chunks).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: the token is not UTF-8 text") from None
+    if not token:
+        raise ConfigError(f"{where}: the file holds no token")
+    if not all(" " <= ch <= "~" for ch in token):
+        raise ConfigError(f"{where}: the token must be one line of printable ASCII characters "
+                          "(it is sent in an HTTP header)")
+    return token

@@ -104,7 +104,8 @@ class SteeringContext:
         for path in self.store.directory.glob(f"*{PROFILE_SUFFIX}"):
             try:
                 stat = path.stat()
-            except FileNotFoundError:
+            except OSError:  # gone, or unreadable: the scan reports it
+                signature.append((path.name, -1, -1))
                 continue
             signature.append((path.name, stat.st_mtime_ns, stat.st_size))
         return tuple(sorted(signature))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from expert_profiles.echo import MAX_ECHO, clip  # noqa: F401  (re-exported)
+
 ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
@@ -50,3 +52,4 @@ def error_payload(status: int, message: str, param: str | None = None) -> dict[s
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
     return json.dumps(error_payload(status, message, param)).encode()
+

@@ -15,6 +15,25 @@ from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 
+# The `operation` label values of `steermoe:admin_operations_total`: a fixed set, so that no
+# client can create new series (`ProfilesAPI.operation_of` maps a method and path onto it).
+ADMIN_OPERATIONS = ("list", "get", "put", "delete", "reload", "endpoints", "other")
+OTHER = "other"
+
+
+def status_label(status: object) -> str:
+    """An HTTP status as a metric label: "100".."599", anything else "other"."""
+    if isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599:
+        return str(status)
+    return OTHER
+
+
+def operation_label(operation: object) -> str:
+    """`operation` if it is one of ADMIN_OPERATIONS, else "other"."""
+    if isinstance(operation, str) and operation in ADMIN_OPERATIONS:
+        return str(operation)
+    return OTHER
+
 
 class SteeringMetrics:
     """The `steermoe:` metrics (one set per process)."""
@@ -52,12 +71,16 @@ class SteeringMetrics:
 
     def observe_request(self, endpoint: str, profile: str, status: int, seconds: float,
                         prompt_tokens: int | None, completion_tokens: int | None) -> None:
-        self.requests.labels(endpoint, profile, str(status)).inc()
+        self.requests.labels(endpoint, profile, status_label(status)).inc()
         self.latency.labels(endpoint, profile).observe(seconds)
         if prompt_tokens:
             self.prompt_tokens.labels(endpoint, profile).inc(prompt_tokens)
         if completion_tokens:
             self.generated_tokens.labels(endpoint, profile).inc(completion_tokens)
+
+    def observe_admin_operation(self, operation: str, status: int) -> None:
+        """Count one `/v1/steering` request; both labels come from bounded sets."""
+        self.admin_operations.labels(operation_label(operation), status_label(status)).inc()
 
     def set_profile_counts(self, loaded: int, errors: int) -> None:
         self.profiles_loaded.set(loaded)

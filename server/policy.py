@@ -11,7 +11,7 @@ from typing import Any
 
 from expert_profiles.schema import SteeringProfile
 from server.config import LOWERS_SAFETY_TAG, ServerConfig
-from server.errors import SteeringHTTPError
+from server.errors import SteeringHTTPError, clip
 from server.request_body import RequestedSteering
 from vllm_patches.request_steering import (
     CAPTURE_KEY,
@@ -112,7 +112,7 @@ class SteeringPolicy:
             )
         if requested.profile_given and requested.profile != profile:
             action = ("turn steering off" if requested.profile is None
-                      else f"select profile {requested.profile!r}")
+                      else f"select profile '{clip(requested.profile)}'")
             raise SteeringHTTPError(
                 403, f"endpoint {endpoint!r} always runs steering profile {profile!r}; a "
                 f"request cannot {action} on it", param=PROFILE_KEY,

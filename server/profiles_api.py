@@ -8,28 +8,72 @@
     GET    /v1/steering/endpoints          served names, locked profiles and what is allowed
 
 Every change goes through `ProfileStore` (atomic writes); requests see it on their next lookup.
+
+Routing (`route`): a path not in this table is 404; a `{name}` that is not a profile name
+(`NAME_PATTERN`: it also rules out `/`, `..`, NUL, non-ASCII and names over 64 characters) is
+400 before anything else is looked at; another method on a known path is 405 with an `Allow`
+header. Methods are matched exactly (HTTP methods are case-sensitive). HEAD and OPTIONS are not
+served (405, `Allow` lists only the methods above): nothing here needs them, and answering
+fewer methods leaves less to probe.
+
+Everything a client sent that appears in an answer (a method, a path, a name) goes through
+`server.errors.clip`; no answer names a filesystem path (store errors are logged instead).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from expert_profiles.schema import ProfileMismatchError, SteeringProfile, describe_validation_error
+from expert_profiles.schema import (
+    NAME_PATTERN,
+    ProfileMismatchError,
+    SteeringProfile,
+    describe_validation_error,
+)
 from expert_profiles.store import ProfileNotFoundError
 from server.context import SteeringContext
-from server.errors import SteeringHTTPError
+from server.errors import SteeringHTTPError, clip
+from server.metrics import ADMIN_OPERATIONS
 from vllm_patches.request_steering import SteeringRequestError
+
+logger = logging.getLogger("steermoe.server")
 
 PREFIX = "/v1/steering"
 PROFILES = f"{PREFIX}/profiles"
 RELOAD = f"{PROFILES}:reload"
 ENDPOINTS = f"{PREFIX}/endpoints"
+
+# Operation labels (`operation_of`): exactly `server.metrics.ADMIN_OPERATIONS`.
+OP_LIST, OP_GET, OP_PUT, OP_DELETE = "list", "get", "put", "delete"
+OP_RELOAD, OP_ENDPOINTS, OP_OTHER = "reload", "endpoints", "other"
+READ_OPERATIONS = frozenset({OP_LIST, OP_GET, OP_ENDPOINTS})  # clients (API key if set)
+WRITE_OPERATIONS = frozenset({OP_PUT, OP_DELETE, OP_RELOAD})  # admin token
+if READ_OPERATIONS | WRITE_OPERATIONS | {OP_OTHER} != set(ADMIN_OPERATIONS):
+    raise ImportError("server.profiles_api operations differ from metrics.ADMIN_OPERATIONS")
+
+# path -> {method: operation}; `{name}` paths use PROFILE_METHODS.
+FIXED_ROUTES: dict[str, dict[str, str]] = {
+    PROFILES: {"GET": OP_LIST},
+    RELOAD: {"POST": OP_RELOAD},
+    ENDPOINTS: {"GET": OP_ENDPOINTS},
+}
+PROFILE_METHODS: dict[str, str] = {"GET": OP_GET, "PUT": OP_PUT, "DELETE": OP_DELETE}
+
+# A PUT body nests at most this deep (a profile needs 3; `source` may add up to 32).
+MAX_BODY_DEPTH = 40
+# Longest composite detail (validation problems, model mismatches) put in an answer, so that
+# every answer stays under 300 characters.
+MAX_DETAIL = 240
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\",;()<>]+")
 
 
 @dataclass
@@ -49,6 +93,67 @@ def _same_secret(given: str, expected: str) -> bool:
     return secrets.compare_digest(given_hash, hashlib.sha256(expected.encode()).digest())
 
 
+def quoted(value: object) -> str:
+    """`'value'`, clipped: client input as it may appear in a message."""
+    return f"'{clip(value)}'"
+
+
+def is_profile_name(name: object) -> bool:
+    return isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None
+
+
+def without_paths(text: str) -> str:
+    """`text` with every absolute filesystem path cut to its last part (`/a/b/x.json` ->
+    `x.json`), for messages that may name files."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group().rstrip("/").rsplit("/", 1)[-1] or "/", text)
+
+
+def parse_json_body(body: bytes) -> Any:
+    """A PUT body as JSON; SteeringHTTPError 400 for anything that is not plain JSON (bad
+    syntax or encoding, NaN/Infinity, integers too long to convert, nesting too deep)."""
+
+    def refuse_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        data = json.loads(body, parse_constant=refuse_constant)
+    except RecursionError:
+        raise _not_json("nested too deeply") from None
+    except json.JSONDecodeError as exc:  # says where, never echoes the input
+        raise _not_json(clip(str(exc))) from None
+    except UnicodeDecodeError:
+        raise _not_json("not UTF-8 text") from None
+    except ValueError as exc:  # an integer over Python's digit limit, NaN or Infinity
+        logger.debug("steermoe: PUT body refused: %s", exc)
+        reason = "a number has too many digits" if "digits" in str(exc) else clip(str(exc))
+        raise _not_json(reason) from None
+    if _depth_exceeds(data, MAX_BODY_DEPTH):
+        raise SteeringHTTPError(
+            400, f"the request body nests more than {MAX_BODY_DEPTH} levels deep"
+        )
+    return data
+
+
+def _not_json(reason: str) -> SteeringHTTPError:
+    return SteeringHTTPError(400, f"the request body is not valid JSON: {reason}")
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: list[Any] = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
 class ProfilesAPI:
     """Handles the `/v1/steering` paths for one `SteeringContext`."""
 
@@ -65,8 +170,8 @@ class ProfilesAPI:
     def require_admin(self, headers: dict[str, str]) -> None:
         if self.context.admin_token is None:
             raise SteeringHTTPError(
-                403, "the profile admin API is disabled: start the server with --admin-token "
-                "or STEERMOE_ADMIN_TOKEN to enable it",
+                403, "the profile admin API is disabled: start the server with "
+                "--admin-token-file or STEERMOE_ADMIN_TOKEN to enable it",
             )
         if bearer_token(headers) is None:
             raise SteeringHTTPError(401, "this operation needs the admin bearer token",
@@ -82,40 +187,71 @@ class ProfilesAPI:
         if token is None or not any(_same_secret(token, key) for key in api_keys):
             raise SteeringHTTPError(401, "Unauthorized", headers={"www-authenticate": "Bearer"})
 
+    # ---- routing ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _match(path: str) -> tuple[dict[str, str] | None, str | None]:
+        """(method -> operation of the path, profile name in it) or (None, None)."""
+        if path in FIXED_ROUTES:
+            return FIXED_ROUTES[path], None
+        if path.startswith(f"{PROFILES}/"):
+            return PROFILE_METHODS, path[len(PROFILES) + 1:]
+        return None, None
+
+    @classmethod
+    def route(cls, method: str, path: str) -> tuple[str, str | None]:
+        """(operation, profile name or None) of a request, or SteeringHTTPError: 404 for an
+        unknown path, 400 for a path whose name is not a profile name, 405 (with `Allow`) for
+        another method. Needs neither the headers nor the body, so a caller may use it before
+        reading the body."""
+        methods, name = cls._match(path)
+        if methods is None:
+            raise SteeringHTTPError(404, f"no such steering API path: {quoted(path)}")
+        if name is not None and not is_profile_name(name):
+            raise SteeringHTTPError(
+                400, f"invalid steering profile name {quoted(name)}: use 1-64 letters, digits, "
+                "'.', '_' or '-', starting with a letter or digit",
+            )
+        if method not in methods:
+            allowed = list(methods)
+            raise SteeringHTTPError(
+                405, f"method {quoted(method)} is not allowed here; use {' or '.join(allowed)}",
+                headers={"allow": ", ".join(allowed)},
+            )
+        return methods[method], name
+
+    @classmethod
+    def operation_of(cls, method: str, path: str) -> str:
+        """The metric label of a request: one of `server.metrics.ADMIN_OPERATIONS` ("list",
+        "get", "put", "delete", "reload", "endpoints", or "other" for anything `route`
+        refuses), whatever method and path a client sends."""
+        try:
+            return cls.route(method, path)[0]
+        except SteeringHTTPError:
+            return OP_OTHER
+
     # ---- dispatch ---------------------------------------------------------------------------
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes,
                api_keys: list[str]) -> APIResponse:
-        if path == PROFILES:
-            self._allow(method, "GET")
+        """Answer one request; raises SteeringHTTPError for every refusal."""
+        operation, name = self.route(method, path)
+        if operation in WRITE_OPERATIONS:
+            self.require_admin(headers)
+        else:
             self.require_client(headers, api_keys)
+        if operation == OP_LIST:
             return self.list_profiles(admin=self.is_admin(headers))
-        if path == RELOAD:
-            self._allow(method, "POST")
-            self.require_admin(headers)
-            return self.reload()
-        if path == ENDPOINTS:
-            self._allow(method, "GET")
-            self.require_client(headers, api_keys)
+        if operation == OP_ENDPOINTS:
             return self.endpoints()
-        if path.startswith(f"{PROFILES}/") and "/" not in path[len(PROFILES) + 1:]:
-            name = path[len(PROFILES) + 1:]
-            self._allow(method, "GET", "PUT", "DELETE")
-            if method == "GET":
-                self.require_client(headers, api_keys)
-                return self.get_profile(name, admin=self.is_admin(headers))
-            self.require_admin(headers)
-            if method == "PUT":
-                return self.put_profile(name, body)
-            return self.delete_profile(name)
-        raise SteeringHTTPError(404, f"no such steering API path: {path}")
-
-    @staticmethod
-    def _allow(method: str, *allowed: str) -> None:
-        if method not in allowed:
-            raise SteeringHTTPError(405, f"method {method} is not allowed here; use "
-                                    f"{' or '.join(allowed)}",
-                                    headers={"allow": ", ".join(allowed)})
+        if operation == OP_RELOAD:
+            return self.reload()
+        assert name is not None
+        if operation == OP_GET:
+            return self.get_profile(name, admin=self.is_admin(headers))
+        if operation == OP_PUT:
+            return self.put_profile(name, body)
+        return self.delete_profile(name)
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -133,8 +269,14 @@ class ProfilesAPI:
             "endpoints": policy.endpoints_of(profile.name),
         }
 
-    def list_profiles(self, admin: bool) -> APIResponse:
+    def _scan(self) -> tuple[dict[str, SteeringProfile], dict[str, str]]:
+        """The directory scan, its errors keyed and worded without filesystem paths."""
         profiles, errors = self.context.scan_profiles()
+        return profiles, {without_paths(key): without_paths(message)
+                          for key, message in errors.items()}
+
+    def list_profiles(self, admin: bool) -> APIResponse:
+        profiles, errors = self._scan()
         policy = self.context.policy
         visible = [p for p in profiles.values() if admin or policy.client_may_read(p)]
         payload: dict[str, Any] = {"object": "list", "data": [self.describe(p) for p in visible]}
@@ -147,10 +289,12 @@ class ProfilesAPI:
             profile = self.context.profiles.get(name)
         except SteeringRequestError as exc:
             if exc.status == 500 and not admin:
-                raise SteeringHTTPError(404, f"unknown steering profile {name!r}") from None
-            raise SteeringHTTPError(exc.status, str(exc)) from None
+                raise SteeringHTTPError(404, f"unknown steering profile {quoted(name)}") \
+                    from None
+            raise SteeringHTTPError(exc.status, clip(without_paths(str(exc)), MAX_DETAIL)) \
+                from None
         if not admin and not self.context.policy.client_may_read(profile):
-            raise SteeringHTTPError(404, f"unknown steering profile {name!r}")
+            raise SteeringHTTPError(404, f"unknown steering profile {quoted(name)}")
         data = self.describe(profile)
         data["profile"] = profile.model_dump(mode="json", exclude_none=True)
         return APIResponse(200, data)
@@ -177,57 +321,68 @@ class ProfilesAPI:
         return store
 
     def put_profile(self, name: str, body: bytes) -> APIResponse:
+        if not is_profile_name(name):
+            raise SteeringHTTPError(400, f"invalid steering profile name {quoted(name)}")
         store = self._store()
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SteeringHTTPError(400, f"the request body is not valid JSON: {exc}") from None
+        data = parse_json_body(body)
         if not isinstance(data, dict):
             raise SteeringHTTPError(400, "the request body must be a steering profile object")
         data.setdefault("name", name)
         if data["name"] != name:
             raise SteeringHTTPError(
-                400, f"the profile is named {data['name']!r} but the path names {name!r}",
-                param="name",
+                400, f"the profile is named {quoted(data['name'])} but the path names "
+                f"{quoted(name)}", param="name",
             )
         try:
             profile = SteeringProfile.model_validate(data)
         except ValidationError as exc:
-            problems = describe_validation_error(exc, "profile")
+            problems = clip(describe_validation_error(exc, "profile"), MAX_DETAIL)
             raise SteeringHTTPError(400, f"invalid steering profile: {problems}") from None
+        except RecursionError:
+            raise SteeringHTTPError(400, "invalid steering profile: nested too deeply") from None
         shape, reason = self.context.served_shape()
         if shape is None or reason is not None:
             raise SteeringHTTPError(409, reason or "the served model cannot be steered")
         try:
             profile.check_model(shape)
         except ProfileMismatchError as exc:
-            raise SteeringHTTPError(409, str(exc)) from None
-        created = not store.exists(name)
-        store.put(profile, overwrite=True)
+            raise SteeringHTTPError(409, clip(str(exc), MAX_DETAIL)) from None
+        try:
+            created = not store.exists(name)
+            store.put(profile, overwrite=True)
+        except OSError as exc:
+            logger.error("steermoe: cannot write profile %s: %s", name, exc)
+            raise SteeringHTTPError(500, f"cannot write profile {quoted(name)}") from None
         self.context.scan_profiles()
         data = self.describe(profile)
         data["profile"] = profile.model_dump(mode="json", exclude_none=True)
         return APIResponse(201 if created else 200, data)
 
     def delete_profile(self, name: str) -> APIResponse:
+        if not is_profile_name(name):
+            raise SteeringHTTPError(400, f"invalid steering profile name {quoted(name)}")
         store = self._store()
         endpoints = self.context.policy.endpoints_of(name)
         if endpoints:
             raise SteeringHTTPError(
-                409, f"profile {name!r} is locked to endpoint(s) {', '.join(endpoints)}; "
+                409, f"profile {quoted(name)} is locked to endpoint(s) {', '.join(endpoints)}; "
                 "it cannot be deleted while the server runs",
             )
         try:
             store.delete(name)
         except ProfileNotFoundError:
-            raise SteeringHTTPError(404, f"unknown steering profile {name!r}") from None
-        except ValueError as exc:
-            raise SteeringHTTPError(400, str(exc)) from None
+            raise SteeringHTTPError(404, f"unknown steering profile {quoted(name)}") from None
+        except OSError as exc:
+            logger.error("steermoe: cannot delete profile %s: %s", name, exc)
+            raise SteeringHTTPError(500, f"cannot delete profile {quoted(name)}") from None
+        except ValueError:
+            raise SteeringHTTPError(400, f"invalid steering profile name {quoted(name)}") \
+                from None
         self.context.scan_profiles()
         return APIResponse(200, {"id": name, "object": "steering_profile", "deleted": True})
 
     def reload(self) -> APIResponse:
-        profiles, errors = self.context.scan_profiles()
+        profiles, errors = self._scan()
         return APIResponse(200, {
             "object": "steering_profile_scan",
             "loaded": sorted(profiles),

@@ -14,17 +14,20 @@ from typing import Any
 from server.errors import SteeringHTTPError
 from server.xargs_wire import encode_inline
 from vllm_patches.request_steering import (
-    CAPTURE_ID_KEY,
+    AUTH_KEY,
     CAPTURE_KEY,
     INLINE_KEY,
     PROFILE_KEY,
-    RESOLVED_KEY,
+    REQUEST_KEYS,
+    RESERVED_KEYS,
+    steering_mark,
 )
 
 XARGS_KEY = "vllm_xargs"
-STEERING_KEYS = (PROFILE_KEY, INLINE_KEY, CAPTURE_KEY)
-RESERVED_KEYS = (RESOLVED_KEY, CAPTURE_ID_KEY)
+STEERING_KEYS = REQUEST_KEYS
 ARGS_CONTAINERS = (XARGS_KEY, "extra_args")
+# Deeper JSON than this is refused (no OpenAI request body comes near it).
+MAX_JSON_DEPTH = 64
 _MISSING = object()
 
 
@@ -48,14 +51,40 @@ class RequestedSteering:
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object; 400 otherwise."""
+    """The request body as a JSON object; 400 otherwise (also for nesting beyond
+    MAX_JSON_DEPTH and numbers Python will not parse)."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SteeringHTTPError(400, f"the request body is not valid JSON: {exc}") from None
+        raise SteeringHTTPError(
+            400, f"the request body is not valid JSON: {exc.__class__.__name__} at byte "
+            f"{getattr(exc, 'pos', getattr(exc, 'start', '?'))}") from None
+    except (ValueError, RecursionError):
+        raise SteeringHTTPError(
+            400, "the request body is not valid JSON: too deeply nested or a number too large"
+        ) from None
     if not isinstance(body, dict):
         raise SteeringHTTPError(400, "the request body must be a JSON object")
+    if too_deep(body, MAX_JSON_DEPTH):
+        raise SteeringHTTPError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     return body
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether objects/arrays in `value` nest deeper than `limit` (iteratively: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _pick(key: str, top: Any, nested: Any) -> Any:
@@ -99,6 +128,8 @@ def take_steering(body: dict[str, Any]) -> tuple[RequestedSteering, dict[str, An
     rest = dict(body)
     xargs = rest.get(XARGS_KEY)
     nested: dict[str, Any] = {}
+    if xargs is not None and not isinstance(xargs, dict):
+        raise SteeringHTTPError(400, f"{XARGS_KEY!r} must be an object", param=XARGS_KEY)
     if isinstance(xargs, dict):
         reserved = [key for key in RESERVED_KEYS if key in xargs]
         if reserved:
@@ -134,16 +165,22 @@ def take_steering(body: dict[str, Any]) -> tuple[RequestedSteering, dict[str, An
 
 
 def with_steering(body: dict[str, Any], profile: str | None, inline: dict[str, Any] | None,
-                  capture: bool) -> dict[str, Any]:
-    """`body` (without steering fields) carrying the steering to apply in `vllm_xargs`."""
+                  capture: bool, key: bytes | None = None) -> dict[str, Any]:
+    """`body` (without steering fields) carrying the steering to apply in `vllm_xargs`, marked
+    with `key` (the server's secret) so the engine front end knows the steering layer allowed it.
+    """
     out = dict(body)
     xargs = dict(out.get(XARGS_KEY) or {})
+    steering: dict[str, Any] = {}
     if profile is not None:
-        xargs[PROFILE_KEY] = profile
+        steering[PROFILE_KEY] = profile
     elif inline is not None:
-        xargs[INLINE_KEY] = encode_inline(inline)
+        steering[INLINE_KEY] = encode_inline(inline)
     if capture:
-        xargs[CAPTURE_KEY] = 1
+        steering[CAPTURE_KEY] = 1
+    if steering and key is not None:
+        steering[AUTH_KEY] = steering_mark(key, steering)
+    xargs.update(steering)
     if xargs:
         out[XARGS_KEY] = xargs
     return out
@@ -168,7 +205,8 @@ def capture_problem(path_kind: str, body: dict[str, Any]) -> str | None:
 
 
 def contains_steering(body: dict[str, Any]) -> str | None:
-    """A steering or reserved key at the top level or in any `vllm_xargs`/`extra_args` object.
+    """A steering or reserved key at the top level or in any `vllm_xargs`/`extra_args` object,
+    or such a container that is not an object (vLLM turns lists of pairs into objects).
 
     Used on paths other than the two completion APIs, which do not steer.
     """
@@ -179,18 +217,18 @@ def contains_steering(body: dict[str, Any]) -> str | None:
 
 
 def _nested_steering(value: Any) -> str | None:
-    if isinstance(value, dict):
-        items: Any = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        if key in ARGS_CONTAINERS and isinstance(item, dict):
-            for inner in item:
-                if inner in STEERING_KEYS or inner in RESERVED_KEYS:
-                    return inner
-        found = _nested_steering(item)
-        if found:
-            return found
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if key in ARGS_CONTAINERS and child is not None:
+                    if not isinstance(child, dict):
+                        return key
+                    for inner in child:
+                        if inner in STEERING_KEYS or inner in RESERVED_KEYS:
+                            return inner
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
     return None

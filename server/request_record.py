@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 
 from server.audit import AuditRecord, write_audit
 from server.context import SteeringContext
+from server.errors import MAX_ECHO, clip
 from server.policy import SteeringDecision
 from server.request_body import RequestedSteering
 from server.response_editor import ResponseEditor
 from vllm_patches.request_steering import ResolvedSteering
 
-MAX_LOGGED_NAME = 80
+MAX_LOGGED_ERROR = 300
 
 
 @dataclass
@@ -43,10 +44,8 @@ class CompletionTrace:
         return "rejected" if self.involves_steering else "none"
 
 
-def _short(value: str | None) -> str | None:
-    if value is None or len(value) <= MAX_LOGGED_NAME:
-        return value
-    return value[:MAX_LOGGED_NAME] + "..."
+def _short(value: str | None, limit: int = MAX_ECHO) -> str | None:
+    return None if value is None else clip(value, limit)
 
 
 def record_completion(context: SteeringContext, trace: CompletionTrace, status: int,
@@ -73,5 +72,5 @@ def record_completion(context: SteeringContext, trace: CompletionTrace, status: 
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         latency_s=round(latency, 4),
-        error=trace.error,
+        error=_short(trace.error, MAX_LOGGED_ERROR),
     ))

@@ -16,13 +16,23 @@ from server.asgi_io import Message, Send, dump_json, header_map, set_header
 JsonEdit = Callable[[Any], Awaitable[Any]]
 
 
+def _model_field(name: str) -> bytes:
+    """`"model":"NAME"` as vLLM's pydantic JSON writes it (no spaces, JSON escapes)."""
+    return b'"model":' + json.dumps(name, ensure_ascii=False).encode("utf-8")
+
+
 class ResponseEditor:
     """A `send` for the wrapped app; records status, response id and usage."""
 
-    def __init__(self, send: Send, header: tuple[str, str] | None, edit_json: JsonEdit | None):
+    def __init__(self, send: Send, header: tuple[str, str] | None, edit_json: JsonEdit | None,
+                 rename_model: tuple[str, str] | None = None):
         self._send = send
         self._header = header
         self._edit_json = edit_json
+        # (name vLLM answers with, name to show): streamed events get `model` renamed.
+        self._rename = None if rename_model is None else (
+            _model_field(rename_model[0]), _model_field(rename_model[1]))
+        self._out_tail = b""
         self._start: Message | None = None
         self._held: list[bytes] | None = None
         self._sse_tail = b""
@@ -41,7 +51,20 @@ class ResponseEditor:
         else:
             if message["type"] == "http.response.body" and self.streamed:
                 self._read_events(message.get("body", b""))
+                if self._rename is not None:
+                    message = self._renamed(message)
             await self._send(message)
+
+    def _renamed(self, message: Message) -> Message:
+        """The event-stream chunk with `"model":"<vLLM's name>"` replaced in complete lines; an
+        incomplete last line is held until its end arrives (or the stream ends)."""
+        assert self._rename is not None
+        data = self._out_tail + message.get("body", b"")
+        more = message.get("more_body", False)
+        cut = data.rfind(b"\n") + 1 if more else len(data)
+        ready, self._out_tail = data[:cut], data[cut:]
+        old, new = self._rename
+        return {**message, "body": ready.replace(old, new)}
 
     async def _on_start(self, message: Message) -> None:
         self.status = int(message["status"])

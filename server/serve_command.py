@@ -3,6 +3,10 @@
 The steering options are taken out, checked, and passed to the API server process in the
 environment (`server.config`); everything else goes to `vllm serve` unchanged, plus the served
 names of the locked endpoints and `--middleware server.middleware.SteeringMiddleware`.
+
+The admin token never comes from the command line (any user can read a process's arguments):
+`--admin-token-file FILE` or the environment variable `STEERMOE_ADMIN_TOKEN`; it reaches the API
+server process in that variable. `--admin-token TOKEN` is refused (exit status 2).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from server.config import (
     LOWERS_SAFETY_TAG,
     ConfigError,
     ServerConfig,
+    admin_token_from_env,
     parse_client_profiles,
     parse_endpoints,
+    read_admin_token_file,
 )
 from vllm_patches.request_steering import PROFILE_DIR_ENV
 
@@ -39,8 +45,19 @@ EPILOG = """Every other option is passed to `vllm serve` (see `vllm serve --help
 examples:
   steermoe serve allenai/OLMoE-1B-7B-0125-Instruct --profiles ./profiles
   steermoe serve MODEL --profiles ./profiles --endpoint olmoe-safe=safety \\
-      --client-profiles safety,concise --admin-token "$TOKEN" --port 8000
+      --client-profiles safety,concise --admin-token-file /run/secrets/steermoe-admin \\
+      --port 8000
+  STEERMOE_ADMIN_TOKEN="$(cat token)" steermoe serve MODEL --profiles ./profiles
+
+The admin token is never given on the command line (other users see it in the process list):
+use --admin-token-file (a file only the server's user can read) or STEERMOE_ADMIN_TOKEN.
 """
+
+REFUSED_TOKEN_OPTION = (
+    "--admin-token is not accepted: a token on the command line is visible to every user in "
+    "the process list. Put it in a file readable only by you and pass --admin-token-file "
+    f"FILE, or set {ADMIN_TOKEN_ENV}"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="let requests give expert sets inline (`steering`)")
     steering.add_argument("--allow-routing-capture", action="store_true",
                           help="let requests ask for their routing (`capture_routing`)")
-    steering.add_argument("--admin-token", metavar="TOKEN",
-                          help=f"bearer token of the profile admin API (or env {ADMIN_TOKEN_ENV}; "
-                          "unset: admin API disabled)")
+    steering.add_argument("--admin-token-file", metavar="FILE",
+                          help="file holding the bearer token of the profile admin API (or env "
+                          f"{ADMIN_TOKEN_ENV}; neither: admin API disabled)")
+    # Only to refuse it with a clear message (and not pass the token on to vLLM).
+    steering.add_argument("--admin-token", "--admin_token", dest="refused_admin_token",
+                          nargs="?", const="", help=argparse.SUPPRESS)
     steering.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                           metavar="N", help="largest request body accepted (default: %(default)s)")
     steering.add_argument("--audit-log", metavar="FILE",
@@ -112,9 +132,19 @@ def check_profiles(config: ServerConfig, model: str) -> None:
             raise ConfigError(f"--endpoint {alias}: no profile {name!r} in "
                               f"{config.profiles_dir}") from None
         except (ProfileFileError, ProfileMismatchError) as exc:
+            # An invalid file (bad JSON, a schema error such as a profile that selects no
+            # experts) or a profile for another model: the endpoint could never be served.
             raise ConfigError(f"--endpoint {alias}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"--endpoint {alias}: cannot read profile {name!r}: "
+                              f"{exc.strerror or exc}") from None
     for name in config.client_profiles or ():
-        if not store.exists(name):
+        try:
+            present = store.exists(name)
+        except OSError as exc:
+            logger.warning("steermoe: cannot check profile %r: %s", name, exc)
+            continue
+        if not present:
             logger.warning("steermoe: --client-profiles names %r, which is not (yet) in %s",
                            name, config.profiles_dir)
         else:
@@ -127,9 +157,15 @@ def check_profiles(config: ServerConfig, model: str) -> None:
 
 
 def prepare(argv: Sequence[str]) -> tuple[ServerConfig, list[str], str | None]:
-    """(config, `vllm serve` argv, admin token) for `steermoe serve` arguments."""
+    """(config, `vllm serve` argv, admin token or None) for `steermoe serve` arguments.
+
+    ConfigError for `--admin-token` (a token on the command line) and for an unusable
+    `--admin-token-file`."""
     model, rest = split_model(argv)
     args, vllm_args = build_parser().parse_known_args(rest)
+    if args.refused_admin_token is not None:
+        raise ConfigError(REFUSED_TOKEN_OPTION)
+    admin_token = admin_token_source(args.admin_token_file)
     model = model or args.model_option
     if not model:
         raise ConfigError("give the model to serve: steermoe serve MODEL ...")
@@ -152,8 +188,17 @@ def prepare(argv: Sequence[str]) -> tuple[ServerConfig, list[str], str | None]:
     )
     check_profiles(config, model)
     compat.check_serving_setup(vllm_args)
-    vllm_argv = compat.vllm_serve_argv(model, vllm_args, config.served_names, args.middleware)
-    return config, vllm_argv, args.admin_token
+    vllm_argv = compat.vllm_serve_argv(model, vllm_args, config.base_names, args.middleware)
+    return config, vllm_argv, admin_token
+
+
+def admin_token_source(token_file: str | None) -> str | None:
+    """The admin token: from `--admin-token-file`, else from the environment, else None."""
+    if token_file is None:
+        return admin_token_from_env()
+    if admin_token_from_env() is not None:
+        logger.warning("steermoe: --admin-token-file is given; it replaces %s", ADMIN_TOKEN_ENV)
+    return read_admin_token_file(Path(token_file).expanduser())
 
 
 def serve_main(argv: Sequence[str]) -> int:

@@ -25,15 +25,21 @@ and 0.32.0 (`entrypoints/launchers/app.py`, `entrypoints/serve/middleware/regist
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from expert_profiles.model_shape import ModelShape
+from vllm_patches.request_steering import SERVER_KEY_ENV
 
 MIDDLEWARE = "server.middleware.SteeringMiddleware"
 COMPLETION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+# Paths whose body vLLM reads as a multipart form (audio uploads).
+MULTIPART_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+RESPONSE_ID_PREFIX = {"chat": "chatcmpl-", "completions": "cmpl-"}
 # Paths that take a model name but generate nothing: allowed on locked endpoints.
 TOKENIZATION_PATHS = ("/tokenize", "/detokenize")
 MODELS_PATH = "/v1/models"
@@ -65,7 +71,10 @@ def check_serving_setup(vllm_args: Sequence[str]) -> None:
 
 def vllm_serve_argv(model: str, vllm_args: Sequence[str], served_names: Sequence[str],
                     middleware: Sequence[str]) -> list[str]:
-    """Arguments of `vllm serve` (without the program name)."""
+    """Arguments of `vllm serve` (without the program name).
+
+    `served_names` are the unlocked model's names only: vLLM must not serve a locked
+    endpoint's name, so a request that reached vLLM unrewritten could not run unsteered."""
     argv = ["serve", model, *vllm_args, "--served-model-name", *served_names]
     for path in (*middleware, MIDDLEWARE):
         argv += ["--middleware", path]
@@ -83,6 +92,9 @@ def run_vllm_serve(argv: Sequence[str]) -> int:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cli_env_setup()
+    # The secret that marks steering the steering layer authorised; inherited by every API
+    # server process vLLM starts, never written anywhere.
+    os.environ.setdefault(SERVER_KEY_ENV, secrets.token_hex(32))
     parser = FlexibleArgumentParser(prog="vllm", description="vLLM CLI")
     subparsers = parser.add_subparsers(required=True, dest="subparser")
     (command,) = serve_cli.cmd_init()
@@ -115,6 +127,25 @@ def api_keys(scope: dict[str, Any]) -> list[str]:
     if not keys and os.environ.get(API_KEY_ENV):
         keys = [os.environ[API_KEY_ENV]]
     return [key for key in keys if key]
+
+
+def response_id(kind: str, request_id_header: str) -> str:
+    """The response `id` vLLM gives a completion sent with `X-Request-Id: request_id_header`."""
+    return f"{RESPONSE_ID_PREFIX[kind]}{request_id_header}"
+
+
+async def discard_routing(scope: dict[str, Any], capture_id: str) -> None:
+    """Drop a routing record nobody will fetch (the request failed or its client left)."""
+    client = engine_client(scope)
+    if client is None:
+        return
+    from vllm_patches.routing_capture import discard_routing_async
+
+    try:
+        await discard_routing_async(client, [capture_id])
+    except Exception:  # the engine may be gone; the record then expires in the worker
+        logging.getLogger("steermoe.server").warning(
+            "steermoe: could not discard routing record %s", capture_id)
 
 
 def capture_request_id(kind: str, response_id: str) -> str:

@@ -1,19 +1,24 @@
 """Worker-side steering of one engine: the table, the recorder, and what each MoE layer calls.
 
 `vllm_compat` builds one `EngineSteering` per model runner after the model is loaded, attaches
-a `LayerSteering` to every MoE layer, and calls `prepare_step` / `finish_step` around each
-forward pass with plain data (request ids, token counts, positions). No vLLM import here.
+a `LayerSteering` to every MoE layer, and calls `forget` (finished and newly scheduled request
+ids), then `prepare_step` / `finish_step` around each forward pass with plain data (request
+ids, token counts, positions). Nothing a request carries makes these raise: a request whose
+steering or capture cannot be used runs without it, with an error logged. No vLLM import here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from expert_profiles.echo import clip
 from vllm_patches import steering_ops
 from vllm_patches.request_steering import (
     CAPTURE_ID_KEY,
@@ -23,6 +28,10 @@ from vllm_patches.request_steering import (
 )
 from vllm_patches.routing_capture import RoutingRecorder
 from vllm_patches.steering_table import SteeringTable, StepPlan
+
+logger = logging.getLogger("steermoe")
+
+ExtraArgsOf = Callable[[str], dict[str, Any] | None]
 
 
 @dataclass
@@ -116,76 +125,128 @@ class BiasedRerouter:
             topk_ids[rows] = ids.to(topk_ids.dtype)
 
 
-def steering_of(extra_args: dict[str, Any] | None) -> ResolvedSteering | None:
-    """The resolved steering a front end attached to a request, if any."""
-    if not extra_args:
+def steering_of(extra_args: dict[str, Any] | None, req_id: str = "?") -> ResolvedSteering | None:
+    """The resolved steering a front end attached to a request, if any. Never raises.
+
+    Unresolved steering keys (the plugin is not loaded where requests are submitted) or
+    resolved data that does not parse mean not steered, with an error logged.
+    """
+    if not isinstance(extra_args, dict) or not extra_args:
         return None
     data = extra_args.get(RESOLVED_KEY)
     if data is None:
         if "steering_profile" in extra_args or "steering" in extra_args:
-            raise RuntimeError(
-                "steermoe: a steered request reached the engine without being resolved; the "
-                "steermoe plugin must be loaded where requests are submitted"
+            logger.error(
+                "steermoe: request '%s' runs unsteered: its steering reached the engine "
+                "without being resolved; the steermoe plugin must be loaded where requests are "
+                "submitted", clip(req_id),
             )
         return None
-    return ResolvedSteering.from_extra_args(data)
+    try:
+        return ResolvedSteering.from_extra_args(data)
+    except Exception as exc:
+        logger.error("steermoe: request '%s' runs unsteered: malformed resolved steering (%s)",
+                     clip(req_id), clip(f"{type(exc).__name__}: {exc}", 200))
+        return None
 
 
 def capture_id_of(req_id: str, extra_args: dict[str, Any] | None) -> str | None:
-    if not extra_args or not extra_args.get(CAPTURE_KEY):
+    if not isinstance(extra_args, dict) or not extra_args.get(CAPTURE_KEY):
         return None
     return str(extra_args.get(CAPTURE_ID_KEY, req_id))
 
 
 class EngineSteering:
-    """Steering state of one model runner."""
+    """Steering state of one model runner.
+
+    Per-request state lives from a request's first scheduled step until `forget` names it.
+    """
 
     def __init__(self, layers: Sequence[MoELayerInfo], max_tokens: int, max_slots: int,
-                 device: torch.device):
+                 device: torch.device, clock: Callable[[], float] = time.monotonic):
         self.layers = list(layers)
         layer_ids = [info.layer for info in self.layers]
         num_experts = self.layers[0].num_experts
         top_k = self.layers[0].top_k
-        self.table = SteeringTable(layer_ids, num_experts, max_tokens, max_slots, device)
-        self.recorder = RoutingRecorder(layer_ids, top_k, max_tokens, device)
+        self.table = SteeringTable(layer_ids, num_experts, max_tokens, max_slots, device,
+                                   top_k=top_k)
+        self.recorder = RoutingRecorder(layer_ids, top_k, max_tokens, device, clock=clock)
         self._capture_ids: dict[str, str | None] = {}
+        self._capture_owner: dict[str, str] = {}
 
     def layer_hook(self, layer: int) -> LayerSteering:
         return LayerSteering(self.table, self.recorder, layer)
+
+    def forget(self, req_ids: Iterable[str]) -> None:
+        """Drop all per-request state of `req_ids`: finished requests, and newly scheduled
+        ones (so a reused request id starts fresh: its own steering, a fresh routing record).
+
+        Call at the start of each step, before `prepare_step`. Records of finished requests
+        stay in the recorder until taken, discarded or dropped.
+        """
+        ids = list(req_ids)
+        self.table.forget(ids)
+        for req_id in ids:
+            capture_id = self._capture_ids.pop(req_id, None)
+            if capture_id is not None and self._capture_owner.get(capture_id) == req_id:
+                del self._capture_owner[capture_id]
+
+    def _capture_id(self, req_id: str, extra_args_of: ExtraArgsOf) -> str | None:
+        """The capture id of a request, decided on its first step; never raises."""
+        if req_id in self._capture_ids:
+            return self._capture_ids[req_id]
+        try:
+            capture_id = capture_id_of(req_id, extra_args_of(req_id))
+        except Exception as exc:
+            logger.error("steermoe: request '%s' records no routing (%s)",
+                         clip(req_id), clip(f"{type(exc).__name__}: {exc}", 200))
+            capture_id = None
+        if capture_id is not None:
+            owner = self._capture_owner.get(capture_id)
+            if owner is not None and owner != req_id:
+                logger.error("steermoe: request '%s' records no routing: running request '%s' "
+                             "already records under capture id '%s'", clip(req_id), clip(owner),
+                             clip(capture_id))
+                capture_id = None
+            else:
+                self._capture_owner[capture_id] = req_id
+                self.recorder.forget([capture_id])  # a new request never extends an old record
+        self._capture_ids[req_id] = capture_id
+        return capture_id
 
     def prepare_step(
         self,
         req_ids: Sequence[str],
         num_tokens: np.ndarray,
         first_positions: np.ndarray,
-        extra_args_of: Callable[[str], dict[str, Any] | None],
-        live_requests: Collection[str],
+        extra_args_of: ExtraArgsOf,
     ) -> None:
         """Before the forward pass: per-token steering and what to record."""
         plan = StepPlan(list(req_ids), num_tokens, first_positions)
-        self.table.prepare_step(plan, lambda r: steering_of(extra_args_of(r)), live_requests)
+
+        def lookup(req_id: str) -> ResolvedSteering | None:
+            return steering_of(extra_args_of(req_id), req_id)
+
+        self.table.prepare_step(plan, lookup)
         entries = []
         start = 0
         for req_id, count, first in zip(plan.req_ids, num_tokens, first_positions, strict=True):
-            if req_id not in self._capture_ids:
-                self._capture_ids[req_id] = capture_id_of(req_id, extra_args_of(req_id))
-            capture_id = self._capture_ids[req_id]
+            capture_id = self._capture_id(req_id, extra_args_of)
             if capture_id is not None and count > 0:
                 entries.append((capture_id, start, int(count), int(first)))
             start += int(count)
-        if len(self._capture_ids) > 2 * max(len(live_requests), 64):
-            self._capture_ids = {
-                r: c for r, c in self._capture_ids.items() if r in live_requests
-            }
         self.recorder.plan_step(entries)
         steering_ops.FLAGS.steering_active = self.table.steering_active
         steering_ops.FLAGS.recording = self.recorder.recording
 
     def finish_step(self) -> None:
-        """After the forward pass: collect recorded routing."""
-        self.recorder.collect_step()
-        steering_ops.FLAGS.steering_active = False
-        steering_ops.FLAGS.recording = False
+        """After the forward pass: collect recorded routing (per request, never raises for
+        one request's record)."""
+        try:
+            self.recorder.collect_step()
+        finally:
+            steering_ops.FLAGS.steering_active = False
+            steering_ops.FLAGS.recording = False
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -10,7 +10,12 @@ Runs where requests enter vLLM (the front-end process). A request selects steeri
 
 Through vLLM's OpenAI server these travel in `vllm_xargs`, which carries only strings and
 numbers: there `steering` may be its JSON text and `capture_routing` may be 1 or 0.
-The keys the front end writes (`RESERVED_KEYS`) are dropped from what a client sends.
+The keys the front end writes (`RESERVED_KEYS`) are dropped from what a client sends, and the
+request keys are replaced by the resolved steering: the engine never sees a request key.
+
+Under `steermoe serve` (`SERVER_KEY_ENV` set), the steering layer marks the steering it
+authorised with an HMAC (`steering_mark`) and the front end refuses request keys without a
+valid mark: whatever reaches vLLM past the steering layer cannot steer.
 
 Resolution checks the profile against the served model and writes the resolved sets into
 `extra_args[RESOLVED_KEY]`, so the engine needs no profile files and a profile edited later
@@ -19,6 +24,8 @@ only affects requests that arrive later. No vLLM import here.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -30,6 +37,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from expert_profiles.directory import ProfileFileError, load_profile_file
+from expert_profiles.echo import clip
 from expert_profiles.model_shape import ModelShape
 from expert_profiles.schema import (
     NAME_PATTERN,
@@ -43,10 +51,14 @@ INLINE_KEY = "steering"
 CAPTURE_KEY = "capture_routing"
 RESOLVED_KEY = "steermoe"
 CAPTURE_ID_KEY = "steermoe_capture_id"
+AUTH_KEY = "steermoe_auth"
 PROFILE_DIR_ENV = "STEERMOE_PROFILE_DIR"
+SERVER_KEY_ENV = "STEERMOE_SERVER_KEY"
 EPS_ENV = "STEERMOE_EPS"
 DEFAULT_EPS = 0.01
-RESERVED_KEYS = (RESOLVED_KEY, CAPTURE_ID_KEY)
+# What a client may send, and what only this package writes.
+REQUEST_KEYS = (PROFILE_KEY, INLINE_KEY, CAPTURE_KEY)
+RESERVED_KEYS = (RESOLVED_KEY, CAPTURE_ID_KEY, AUTH_KEY)
 
 
 def default_eps() -> float:
@@ -116,8 +128,8 @@ class ProfileCache:
 
     def get(self, name: str):
         """The profile called `name`; raises UnknownProfileError or SteeringRequestError."""
-        if not re.fullmatch(NAME_PATTERN, name):
-            raise SteeringRequestError(f"invalid steering profile name {name!r}")
+        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+            raise SteeringRequestError(f"invalid steering profile name '{clip(name)}'")
         if self.directory is None:
             raise UnknownProfileError(
                 f"unknown steering profile {name!r}: no profile directory is configured "
@@ -130,10 +142,13 @@ class ProfileCache:
             with self._lock:
                 self._entries.pop(name, None)
             raise UnknownProfileError(f"unknown steering profile {name!r}") from None
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
+        except OSError:  # a link loop, no permission: the loader says why
+            stat = None
+        key = None if stat is None else (
+            stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
         with self._lock:
             cached = self._entries.get(name)
-            if cached is not None and cached[0] == key:
+            if key is not None and cached is not None and cached[0] == key:
                 return cached[1]
         try:
             profile = load_profile_file(path)
@@ -142,8 +157,9 @@ class ProfileCache:
                 f"steering profile {name!r} cannot be used: {exc}", status=500,
                 code="profile_invalid",
             ) from None
-        with self._lock:
-            self._entries[name] = (key, profile)
+        if key is not None:
+            with self._lock:
+                self._entries[name] = (key, profile)
         return profile
 
 
@@ -162,7 +178,7 @@ def resolve_request(
     if isinstance(inline, str):
         try:
             inline = json.loads(inline)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise SteeringRequestError(
                 f"{INLINE_KEY!r} must be an object (or its JSON text)"
             ) from None
@@ -224,6 +240,37 @@ def wants_capture(extra_args: dict[str, Any] | None) -> bool:
     return value
 
 
-def salted(cache_salt: str | None, digest: str) -> str:
-    """The prefix-cache salt of a steered request: KV blocks are shared only by equal steering."""
-    return f"{cache_salt or ''}|steermoe:{digest}"
+def salted(cache_salt: str | None, digest: str | None) -> str | None:
+    """The prefix-cache salt vLLM gets: KV blocks are shared only by equal steering.
+
+    Every salt a client gives is hashed together with the steering digest (None: unsteered),
+    so no client salt can equal the salt of steering it did not get, even knowing the digest.
+    An unsteered request without a salt keeps none (it shares blocks with stock requests).
+    """
+    if digest is None and cache_salt is None:
+        return None
+    text = json.dumps([cache_salt, digest], separators=(",", ":"))
+    return "steermoe:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def steering_mark(key: bytes, extra_args: dict[str, Any]) -> str:
+    """The HMAC the steering layer attaches to the request keys it authorised."""
+    fields = [extra_args.get(name) for name in REQUEST_KEYS]
+    text = json.dumps(fields, separators=(",", ":"), sort_keys=True, default=str)
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def server_key() -> bytes | None:
+    """The per-server secret that marks authorised steering (None outside `steermoe serve`)."""
+    value = os.environ.get(SERVER_KEY_ENV, "")
+    return value.encode() if value else None
+
+
+def check_mark(key: bytes, extra_args: dict[str, Any]) -> None:
+    """Refuse request keys that the steering layer of this server did not authorise."""
+    given = extra_args.get(AUTH_KEY)
+    if not isinstance(given, str) or not hmac.compare_digest(given, steering_mark(key, extra_args)):
+        raise SteeringRequestError(
+            "steering fields are accepted only through the steering layer of this server",
+            status=403, code="steering_not_authorised",
+        )

@@ -11,31 +11,73 @@ and the caller takes them with `fetch_routing(llm, request_ids)`:
 Row t is the token at position t of the sequence (prompt, then generated tokens; the last
 generated token is never run through the model, so there are prompt + generated - 1 rows).
 Rows of prompt tokens whose KV came from the prefix cache were not computed: they hold -1.
-Records are kept in the engine until taken (at most `STEERMOE_CAPTURE_KEEP`, default 4096,
-oldest dropped first).
+Records are kept in the engine until taken, discarded (`discard_routing`), or dropped: oldest
+first beyond `STEERMOE_CAPTURE_KEEP` records (default 4096) or `STEERMOE_CAPTURE_MAX_BYTES` in
+all (default 256 MiB; a record alone over it is dropped, never truncated), and once not
+written for `STEERMOE_CAPTURE_TTL_S` seconds (default 600). A request whose record was dropped
+records nothing more, so no partial record is ever returned; a new request with the same
+capture id starts a fresh record (`RoutingRecorder.forget`).
 
 Recording costs a copy of the top-k ids per layer, and only on steps where a request asks.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from expert_profiles.echo import clip
+
+logger = logging.getLogger("steermoe")
+
 KEEP_ENV = "STEERMOE_CAPTURE_KEEP"
 DEFAULT_KEEP = 4096
+MAX_BYTES_ENV = "STEERMOE_CAPTURE_MAX_BYTES"
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+TTL_ENV = "STEERMOE_CAPTURE_TTL_S"
+DEFAULT_TTL_S = 600.0
+TAKE_METHOD = "steermoe_take_routing"
+DISCARD_METHOD = "steermoe_discard_routing"
+# Counted per segment on top of its array bytes (numpy header, list and tuple slots).
+SEGMENT_OVERHEAD = 256
+
+
+def _positive_env(name: str, default: float, kind: type[int] | type[float]) -> Any:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    what = "integer" if kind is int else "number"
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive {what}, got {raw!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive {what}, got {raw!r}")
+    return value
 
 
 def capture_keep() -> int:
     """How many routing records an engine keeps until they are fetched."""
-    return int(os.environ.get(KEEP_ENV, DEFAULT_KEEP))
-TAKE_METHOD = "steermoe_take_routing"
+    return _positive_env(KEEP_ENV, DEFAULT_KEEP, int)
+
+
+def capture_max_bytes() -> int:
+    """How many bytes all routing records of an engine may hold together."""
+    return _positive_env(MAX_BYTES_ENV, DEFAULT_MAX_BYTES, int)
+
+
+def capture_ttl_s() -> float:
+    """Seconds after its last write that an untaken routing record is dropped."""
+    return float(_positive_env(TTL_ENV, DEFAULT_TTL_S, float))
 
 
 @dataclass
@@ -57,15 +99,55 @@ class RoutingRecord:
 
 
 @dataclass
+class _Segment:
+    """Consecutive positions from `first`; `rows[:length]` are written, the rest is spare."""
+
+    first: int
+    rows: np.ndarray
+    length: int
+
+
 class _PendingRecord:
-    segments: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    """The segments recorded so far for one capture id, and what they cost."""
+
+    def __init__(self) -> None:
+        self.segments: list[_Segment] = []
+        self.nbytes = 0
+        self.written_at = 0.0
+
+    def write(self, first: int, rows: np.ndarray) -> None:
+        last = self.segments[-1] if self.segments else None
+        if last is None or last.first + last.length != first:
+            self.segments.append(_Segment(first, rows.copy(), len(rows)))
+            self.nbytes += rows.nbytes + SEGMENT_OVERHEAD
+            return
+        end = last.length + len(rows)  # decode steps extend the last segment in place
+        if end > len(last.rows):
+            grown = np.empty((max(end, len(last.rows) * 3 // 2, 16), *rows.shape[1:]), np.int32)
+            grown[: last.length] = last.rows[: last.length]
+            self.nbytes += grown.nbytes - last.rows.nbytes
+            last.rows = grown
+        last.rows[last.length : end] = rows
+        last.length = end
+
+    def build(self, layers: int, top_k: int) -> np.ndarray:
+        length = max(s.first + s.length for s in self.segments)
+        ids = np.full((length, layers, top_k), -1, dtype=np.int32)
+        for s in self.segments:  # in order: a recomputed position keeps its latest routing
+            ids[s.first : s.first + s.length] = s.rows[: s.length]
+        return ids
 
 
 class RoutingRecorder:
-    """Worker-side buffer [moe_layers, max_tokens, top_k] and the per-request records."""
+    """Worker-side buffer [moe_layers, max_tokens, top_k] and the per-request records.
+
+    Records are ordered by last write. Ids whose record was dropped, taken or discarded are
+    kept as closed (bounded like the records) so a still-running request adds no partial record
+    under them; `forget` reopens ids that a new request owns.
+    """
 
     def __init__(self, moe_layers: Sequence[int], top_k: int, max_tokens: int,
-                 device: torch.device):
+                 device: torch.device, clock: Callable[[], float] = time.monotonic):
         self.moe_layers = list(moe_layers)
         self.top_k = top_k
         self.buffer = torch.full(
@@ -74,7 +156,62 @@ class RoutingRecorder:
         self.recording = False
         self._step: list[tuple[str, int, int, int]] = []
         self._records: OrderedDict[str, _PendingRecord] = OrderedDict()
+        self._closed: OrderedDict[str, float] = OrderedDict()
         self._keep = capture_keep()
+        self._max_bytes = capture_max_bytes()
+        self._ttl = capture_ttl_s()
+        self._clock = clock
+        self.nbytes = 0
+
+    # ---- bookkeeping -------------------------------------------------------------------
+
+    def _close(self, capture_id: str, now: float) -> None:
+        record = self._records.pop(capture_id, None)
+        if record is not None:
+            self.nbytes -= record.nbytes
+        self._closed[capture_id] = now
+        self._closed.move_to_end(capture_id)
+        while len(self._closed) > self._keep:
+            self._closed.popitem(last=False)
+
+    def _expire(self, now: float) -> None:
+        """Drop records and closed ids not written for the TTL (the oldest come first)."""
+        deadline = now - self._ttl
+        while self._records:
+            capture_id, record = next(iter(self._records.items()))
+            if record.written_at > deadline:
+                break
+            self._close(capture_id, now)
+        while self._closed and next(iter(self._closed.values())) <= deadline:
+            self._closed.popitem(last=False)
+
+    def _shrink(self, now: float) -> None:
+        """Drop the least recently written records until count and bytes fit."""
+        while self._records and (len(self._records) > self._keep or self.nbytes > self._max_bytes):
+            self._close(next(iter(self._records)), now)
+
+    def _write(self, capture_id: str, first: int, rows: np.ndarray, now: float) -> None:
+        if capture_id in self._closed:  # still running: keep it closed while it writes
+            self._closed[capture_id] = now
+            self._closed.move_to_end(capture_id)
+            return
+        record = self._records.get(capture_id)
+        if record is None:
+            record = self._records[capture_id] = _PendingRecord()
+        before = record.nbytes
+        try:
+            record.write(first, rows)
+        finally:
+            self.nbytes += record.nbytes - before
+        record.written_at = now
+        self._records.move_to_end(capture_id)
+        if record.nbytes > self._max_bytes:
+            logger.warning("steermoe: the routing record of '%s' outgrew %s=%d bytes; dropped",
+                           clip(capture_id), MAX_BYTES_ENV, self._max_bytes)
+            self._close(capture_id, now)
+        self._shrink(now)
+
+    # ---- steps -------------------------------------------------------------------------
 
     def plan_step(self, entries: list[tuple[str, int, int, int]]) -> None:
         """entries: (capture id, first token index in the step, token count, first position)."""
@@ -82,33 +219,59 @@ class RoutingRecorder:
         self.recording = bool(entries)
 
     def collect_step(self) -> None:
-        """After the forward pass: move this step's ids of capturing requests to their records."""
+        """After the forward pass: move this step's ids of capturing requests to their records;
+        drop expired records."""
         if not self.recording:
+            if self._records or self._closed:
+                self._expire(self._clock())
             return
-        total = max(start + count for _, start, count, _ in self._step)
+        now = self._clock()
+        self._expire(now)
+        step, self._step, self.recording = self._step, [], False
+        total = max(start + count for _, start, count, _ in step)
         ids = self.buffer[:, :total].cpu().numpy().transpose(1, 0, 2)  # [tokens, layers, k]
-        for capture_id, start, count, first_position in self._step:
-            record = self._records.get(capture_id)
-            if record is None:
-                record = self._records[capture_id] = _PendingRecord()
-                while len(self._records) > self._keep:
-                    self._records.popitem(last=False)
-            record.segments.append((first_position, ids[start : start + count].copy()))
-        self._step = []
-        self.recording = False
+        for capture_id, start, count, first_position in step:
+            try:
+                self._write(capture_id, first_position, ids[start : start + count], now)
+            except Exception:  # one request's record must not fail the step
+                logger.exception("steermoe: recording the routing of '%s' failed",
+                                 clip(capture_id))
+                self._close(capture_id, now)
 
-    def take(self, capture_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Remove and return the records of `capture_ids` (missing ids are left out)."""
-        out: dict[str, dict[str, Any]] = {}
+    # ---- requests ----------------------------------------------------------------------
+
+    def forget(self, capture_ids: Iterable[str]) -> None:
+        """New requests own these ids: drop old records and reopen them, to start fresh."""
         for capture_id in capture_ids:
             record = self._records.pop(capture_id, None)
+            if record is not None:
+                self.nbytes -= record.nbytes
+            self._closed.pop(capture_id, None)
+
+    def discard(self, capture_ids: Sequence[str]) -> None:
+        """Drop the records of `capture_ids` without building them (failed or abandoned)."""
+        now = self._clock()
+        for capture_id in capture_ids:
+            self._close(capture_id, now)
+        self._expire(now)
+
+    def take(self, capture_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Remove and return the records of `capture_ids` (missing ids, and any record that
+        cannot be built, are left out)."""
+        now = self._clock()
+        self._expire(now)
+        out: dict[str, dict[str, Any]] = {}
+        for capture_id in capture_ids:
+            record = self._records.get(capture_id)
+            self._close(capture_id, now)
             if record is None or not record.segments:
                 continue
-            length = max(first + len(rows) for first, rows in record.segments)
-            ids = np.full((length, len(self.moe_layers), self.top_k), -1, dtype=np.int32)
-            for first, rows in record.segments:
-                ids[first : first + len(rows)] = rows
-            out[capture_id] = RoutingRecord(ids, self.moe_layers).to_wire()
+            try:
+                ids = record.build(len(self.moe_layers), self.top_k)
+                out[capture_id] = RoutingRecord(ids, self.moe_layers).to_wire()
+            except Exception:
+                logger.exception("steermoe: building the routing record of '%s' failed",
+                                 clip(capture_id))
         return out
 
 
@@ -127,6 +290,16 @@ async def fetch_routing_async(engine_client: Any, request_ids: Sequence[str]) ->
     """`fetch_routing` for an `AsyncLLM` engine client (the OpenAI server's engine)."""
     results = await engine_client.collective_rpc(TAKE_METHOD, args=(list(request_ids),))
     return _merge(results)
+
+
+def discard_routing(engine: Any, request_ids: Sequence[str]) -> None:
+    """Drop the routing records of requests whose routing will not be fetched."""
+    engine.collective_rpc(DISCARD_METHOD, args=(list(request_ids),))
+
+
+async def discard_routing_async(engine_client: Any, request_ids: Sequence[str]) -> None:
+    """`discard_routing` for an `AsyncLLM` engine client (a failed or abandoned request)."""
+    await engine_client.collective_rpc(DISCARD_METHOD, args=(list(request_ids),))
 
 
 def _merge(results: Sequence[dict[str, dict[str, Any]]]) -> dict[str, RoutingRecord]:

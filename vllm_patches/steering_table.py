@@ -8,20 +8,91 @@ always read 0.
 
 Assumption the reader must know: the table holds at most `max_slots - 1` distinct steerings at
 once; `max_slots` is sized from the engine's max number of running requests, so every request
-in a batch always finds a slot. No vLLM import here.
+in a batch always finds a slot. Per-request state lives until `forget` (vLLM's request
+lifecycle, driven by `vllm_compat`). No vLLM import here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+import logging
+import math
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from expert_profiles.echo import clip
+from expert_profiles.schema import MAX_EPS
 from vllm_patches.request_steering import ResolvedSteering
 
+logger = logging.getLogger("steermoe")
+
 NOT_STEERED = 0
+
+
+def _show(value: Any) -> str:
+    """A value in a problem message: short and printable; never raises."""
+    try:
+        return clip(repr(value), 40)
+    except Exception:  # e.g. an int too large for repr
+        return f"<{type(value).__name__}>"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _sets_problem(kind: str, sets: Any, held: set[int], num_experts: int) -> str | None:
+    if not isinstance(sets, dict):
+        return f"{kind} is not a mapping of layer to experts"
+    for layer, experts in sets.items():
+        if not _is_int(layer) or layer not in held:
+            return f"{kind}: layer {_show(layer)} is not a MoE layer of this engine"
+        if not isinstance(experts, (list, tuple)) or not all(_is_int(e) for e in experts):
+            return f"{kind}: layer {layer}: experts must be a list of integers"
+        bad = [int(e) for e in experts if not 0 <= e < num_experts]
+        if bad:
+            return f"{kind}: layer {layer}: experts {_show(bad[:8])} are not in [0, {num_experts})"
+    return None
+
+
+def applicable_problem(steering: ResolvedSteering, moe_layers: Sequence[int], num_experts: int,
+                       top_k: int) -> str | None:
+    """Why `steering` cannot be applied by an engine with these MoE layers; None if it can.
+
+    Pure and never raises, so the front end can refuse a request before admitting it, and the
+    worker checks again before writing a slot (a last line of defence: there a failing request
+    runs unsteered). Conditions: every layer is a MoE layer held here, experts are ints in
+    [0, num_experts), at most top_k experts activated and at least top_k left not deactivated
+    per layer, no expert both activated and deactivated, eps finite in (0, MAX_EPS].
+    """
+    if not isinstance(steering, ResolvedSteering):
+        return f"not resolved steering: {type(steering).__name__}"
+    if not isinstance(steering.digest, str) or not steering.digest:
+        return "digest must be a non-empty string"
+    eps = steering.eps
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps <= MAX_EPS \
+            or not math.isfinite(eps):
+        return f"eps must be a finite number in (0, {MAX_EPS:g}], got {_show(eps)}"
+    held = set(moe_layers)
+    for kind, sets in (("activate", steering.activate), ("deactivate", steering.deactivate)):
+        problem = _sets_problem(kind, sets, held, num_experts)
+        if problem is not None:
+            return problem
+    for layer, experts in steering.activate.items():
+        if len(set(experts)) > top_k:
+            return (f"activate: layer {layer} activates {len(set(experts))} experts, more than "
+                    f"top-k ({top_k})")
+        both = set(experts) & set(steering.deactivate.get(layer, ()))
+        if both:
+            return f"layer {layer}: experts {sorted(both)[:8]} are both activated and deactivated"
+    for layer, experts in steering.deactivate.items():
+        if num_experts - len(set(experts)) < top_k:
+            return (f"deactivate: layer {layer} leaves {num_experts - len(set(experts))} of "
+                    f"{num_experts} experts, fewer than top-k ({top_k})")
+    return None
 
 
 @dataclass
@@ -47,10 +118,13 @@ class SteeringTable:
         max_tokens: int,
         max_slots: int,
         device: torch.device,
+        *,
+        top_k: int,
     ):
         self.moe_layers = list(moe_layers)
         self.layer_index = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.num_experts = num_experts
+        self.top_k = top_k
         self.max_slots = max_slots
         self.device = device
         self.masks = torch.zeros(
@@ -66,21 +140,19 @@ class SteeringTable:
         self._written_until = 0
         self.steering_active = False
 
+    def problem(self, steering: ResolvedSteering) -> str | None:
+        """`applicable_problem` for this engine."""
+        return applicable_problem(steering, self.moe_layers, self.num_experts, self.top_k)
+
     # ---- slots -------------------------------------------------------------------------
 
     def _write_slot(self, slot: int, steering: ResolvedSteering) -> None:
         mask = torch.zeros((len(self.moe_layers), self.num_experts), dtype=torch.int8)
         for value, sets in ((1, steering.activate), (-1, steering.deactivate)):
             for layer, experts in sets.items():
-                index = self.layer_index.get(layer)
-                if index is None:
-                    raise ValueError(
-                        f"steering names decoder layer {layer}, which has no MoE block "
-                        f"in this engine (MoE layers: {self.moe_layers})"
-                    )
-                mask[index, experts] = value
+                mask[self.layer_index[layer], [int(e) for e in experts]] = value
         self.masks[:, slot].copy_(mask.to(self.device))
-        self.eps[slot] = steering.eps
+        self.eps[slot] = float(steering.eps)
 
     def _free_slot(self, scheduled: Collection[str]) -> int:
         used = {NOT_STEERED}
@@ -102,38 +174,60 @@ class SteeringTable:
     def slot_for(self, steering: ResolvedSteering | None, scheduled: Collection[str]) -> int:
         """The slot holding `steering`, writing it into a free slot if needed.
 
-        A slot is only reused when no request scheduled in this step uses it.
+        A slot is only reused when no request in `scheduled` (whose steerings must already be
+        resolved) uses it. Raises ValueError for steering this engine cannot apply.
         """
         if steering is None:
             return NOT_STEERED
         slot = self._slot_of_digest.get(steering.digest)
         if slot is None:
+            problem = self.problem(steering)
+            if problem is not None:
+                raise ValueError(f"steermoe: steering cannot be applied: {problem}")
             slot = self._free_slot(scheduled)
             self._write_slot(slot, steering)
             self._slot_of_digest[steering.digest] = slot
             self._digest_of_slot[slot] = steering.digest
         return slot
 
+    # ---- requests ----------------------------------------------------------------------
+
+    def _resolve(
+        self, req_id: str, steering_of: Callable[[str], ResolvedSteering | None]
+    ) -> ResolvedSteering | None:
+        """A request's steering, looked up and checked once; never raises (unsteered then)."""
+        if req_id in self._steering_of_request:
+            return self._steering_of_request[req_id]
+        try:
+            steering = steering_of(req_id)
+            problem = None if steering is None else self.problem(steering)
+        except Exception as exc:  # anything a request carries must not fail the step
+            steering, problem = None, f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            logger.error("steermoe: request '%s' runs unsteered: its steering cannot be applied "
+                         "in this engine (%s)", clip(req_id), clip(problem, 200))
+            steering = None
+        self._steering_of_request[req_id] = steering
+        return steering
+
+    def forget(self, req_ids: Iterable[str]) -> None:
+        """Drop what is known of these requests (finished, or new under a reused id)."""
+        for req_id in req_ids:
+            self._steering_of_request.pop(req_id, None)
+
     # ---- steps -------------------------------------------------------------------------
 
     def prepare_step(
-        self,
-        plan: StepPlan,
-        steering_of: Callable[[str], ResolvedSteering | None],
-        live_requests: Collection[str],
+        self, plan: StepPlan, steering_of: Callable[[str], ResolvedSteering | None]
     ) -> None:
-        """Fill token_profiles for this step; tokens past the step's tokens read 0."""
-        slots = []
-        for req_id in plan.req_ids:
-            if req_id in self._steering_of_request:
-                steering = self._steering_of_request[req_id]
-            else:
-                steering = self._steering_of_request[req_id] = steering_of(req_id)
-            slots.append(self.slot_for(steering, plan.req_ids))
-        if len(self._steering_of_request) > 2 * max(len(live_requests), 64):
-            self._steering_of_request = {
-                r: s for r, s in self._steering_of_request.items() if r in live_requests
-            }
+        """Fill token_profiles for this step; tokens past the step's tokens read 0.
+
+        `steering_of` is asked once per request (until `forget`); a request whose steering
+        is malformed or cannot be applied here runs unsteered, with an error logged.
+        """
+        steerings = [self._resolve(req_id, steering_of) for req_id in plan.req_ids]
+        # Every scheduled request is resolved first, so no slot in use this step is reused.
+        slots = [self.slot_for(steering, plan.req_ids) for steering in steerings]
         total = plan.total_tokens
         self.steering_active = any(slots)
         if not self.steering_active and self._written_until == 0:

@@ -11,7 +11,8 @@ runner. A new release should need changes here only. Hooks, all installed by `in
   fill the per-token profile index for the step, collect recorded routing after it;
 - `MoERunner._maybe_dispatch`: called once per MoE layer forward with this rank's router logits
   in batch order, before any expert kernel (modular or monolithic): the routing edit.
-- `Worker.steermoe_take_routing`: the RPC behind `routing_capture.fetch_routing`.
+- `Worker.steermoe_take_routing` / `steermoe_discard_routing`: the RPCs behind
+  `routing_capture.fetch_routing` and `discard_routing`.
 - `VllmConfig.compute_hash`: mixes a hash of this package's engine-side code into vLLM's
   compile-cache key, so a graph compiled without the hooks (or with older hooks) is never
   loaded from vLLM's cache into an engine that steers.
@@ -31,7 +32,8 @@ from expert_profiles.model_shape import ModelShape, shape_from_hf_config
 from vllm_patches import request_steering as rs
 from vllm_patches import steering_ops
 from vllm_patches.engine_steering import BiasedRerouter, EngineSteering, MoELayerInfo
-from vllm_patches.routing_capture import TAKE_METHOD
+from vllm_patches.routing_capture import DISCARD_METHOD, TAKE_METHOD
+from vllm_patches.steering_table import applicable_problem
 
 logger = logging.getLogger("steermoe")
 
@@ -169,23 +171,40 @@ class FrontendSteering:
         return shape, None
 
     def apply(self, request: Any) -> None:
-        """Resolve and attach steering to an EngineCoreRequest; raises SteeringRequestError."""
+        """Resolve and attach steering to an EngineCoreRequest; raises SteeringRequestError.
+
+        The request keys are replaced by the resolved steering (the engine never sees them);
+        under `steermoe serve` they must carry the steering layer's mark. Every request's
+        prefix-cache salt is rewritten (`salted`), steered or not, so no client salt can
+        reach the salt of steering the client did not get.
+        """
         params = getattr(request, "sampling_params", None)
-        if params is None or not params.extra_args:
-            return
-        extra = {k: v for k, v in params.extra_args.items() if k not in rs.RESERVED_KEYS}
-        shape, reason = self.served_shape()
-        steering = rs.resolve_request(extra, shape, self.profiles, self.eps, reason)
-        capture = rs.wants_capture(extra)
-        if steering is None and not capture:
-            params.extra_args = extra
-            return
+        extra = dict(getattr(params, "extra_args", None) or {})
+        given = {key: extra[key] for key in rs.REQUEST_KEYS if key in extra}
+        kept = {key: value for key, value in extra.items()
+                if key not in rs.REQUEST_KEYS and key not in rs.RESERVED_KEYS}
+        steering = None
+        if given:
+            key = rs.server_key()
+            if key is not None:
+                rs.check_mark(key, extra)
+            shape, reason = self.served_shape()
+            steering = rs.resolve_request(given, shape, self.profiles, self.eps, reason)
+            if steering is not None and shape is not None:
+                # The worker's own check: what passes here, the worker can apply.
+                problem = applicable_problem(steering, shape.moe_layers, shape.num_experts,
+                                             shape.top_k)
+                if problem is not None:
+                    raise rs.SteeringRequestError(f"steering cannot be applied: {problem}")
+            if rs.wants_capture(given):
+                kept[rs.CAPTURE_KEY] = True
+                kept[rs.CAPTURE_ID_KEY] = request.request_id
         if steering is not None:
-            extra[rs.RESOLVED_KEY] = steering.to_extra_args()
-            request.cache_salt = rs.salted(request.cache_salt, steering.digest)
-        if capture:
-            extra[rs.CAPTURE_ID_KEY] = request.request_id
-        params.extra_args = extra
+            kept[rs.RESOLVED_KEY] = steering.to_extra_args()
+        request.cache_salt = rs.salted(request.cache_salt,
+                                       steering.digest if steering is not None else None)
+        if params is not None and extra:
+            params.extra_args = kept or None
 
 
 _FRONTEND: FrontendSteering | None = None
@@ -210,9 +229,12 @@ def _install_frontend_hooks() -> None:
         if _FRONTEND is not None:
             try:
                 _FRONTEND.apply(request)
-            except rs.SteeringRequestError as exc:
+            except Exception as exc:  # a request's steering must fail that request alone
                 from vllm.exceptions import VLLMValidationError
 
+                if not isinstance(exc, rs.SteeringRequestError):
+                    logger.exception("steermoe: steering of request %s failed", request.request_id)
+                    exc = rs.SteeringRequestError("the request's steering could not be processed")
                 raise VLLMValidationError(str(exc), parameter="steering") from exc
         original_assign(request)
 
@@ -269,9 +291,38 @@ def _unsteerable_reason(layers: list[tuple[MoELayerInfo, Any]], runner: Any) -> 
     return None
 
 
+def batch_splitting_mode(parallel_config: Any) -> str | None:
+    """A vLLM mode that runs one step's tokens as several batches (or splits them across ranks
+    before the MoE layers), which the per-token profile index does not follow; None if off."""
+    if getattr(parallel_config, "enable_dbo", False):
+        return "dual-batch overlap (--enable-dbo)"
+    if int(getattr(parallel_config, "ubatch_size", 1) or 1) > 1:
+        return "micro-batching (ubatch_size > 1)"
+    if getattr(parallel_config, "use_sequence_parallel_moe", False):
+        return "sequence-parallel MoE (expert parallel with TP > 1 and DP > 1)"
+    return None
+
+
+class UnsupportedLayoutError(RuntimeError):
+    """The engine splits its steps in a way steering cannot follow exactly."""
+
+
 def attach_engine_steering(runner: Any) -> EngineSteering | None:
-    """Find the MoE layers of a loaded model runner and attach steering to them."""
+    """Find the MoE layers of a loaded model runner and attach steering to them.
+
+    Raises UnsupportedLayoutError for an MoE model in a mode that splits a step (the engine
+    does not start).
+    """
     layers = _moe_layers(runner.get_model())
+    mode = batch_splitting_mode(getattr(runner.vllm_config, "parallel_config", None))
+    if layers and mode is not None:
+        from vllm_patches.plugin import DISABLE_ENV
+
+        raise UnsupportedLayoutError(
+            f"steermoe cannot steer exactly under {mode}: the per-token steering index assumes "
+            f"one flat batch per step. Turn that mode off, or set {DISABLE_ENV}=1 to serve "
+            "without steering."
+        )
     reason = _unsteerable_reason(layers, runner)
     info: dict[str, Any] = {"steerable": reason is None, "reason": reason}
     steering = None
@@ -354,13 +405,16 @@ def _install_worker_hooks() -> None:
         if steering is not None:
             num_reqs = len(num_scheduled_tokens)
             requests = self.requests
+            # Per-request state dies with the request; a new request never inherits the state
+            # of an earlier one with the same id.
+            steering.forget([*scheduler_output.finished_req_ids,
+                             *(new.req_id for new in scheduler_output.scheduled_new_reqs)])
             steering.prepare_step(
                 req_ids=self.input_batch.req_ids[:num_reqs],
                 num_tokens=num_scheduled_tokens,
                 first_positions=self.input_batch.num_computed_tokens_cpu[:num_reqs],
                 extra_args_of=lambda r: requests[r].sampling_params.extra_args
                 if requests[r].sampling_params is not None else None,
-                live_requests=requests,
             )
         return result
 
@@ -382,11 +436,17 @@ def _install_worker_hooks() -> None:
         steering = getattr(self.model_runner, "_steermoe", None)
         return {} if steering is None else steering.recorder.take(capture_ids)
 
+    def steermoe_discard_routing(self, capture_ids):
+        steering = getattr(self.model_runner, "_steermoe", None)
+        if steering is not None:
+            steering.recorder.discard(capture_ids)
+
     Worker.load_model = load_model
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner.execute_model = execute_model
     MoERunner._maybe_dispatch = _maybe_dispatch
     setattr(Worker, TAKE_METHOD, steermoe_take_routing)
+    setattr(Worker, DISCARD_METHOD, steermoe_discard_routing)
 
 
 def code_hash() -> str:

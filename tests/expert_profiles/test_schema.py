@@ -11,12 +11,16 @@ from pydantic import ValidationError
 
 from expert_profiles.model_shape import ModelShape
 from expert_profiles.schema import (
+    EMPTY_STEERING_ERROR,
+    EMPTY_STEERING_MESSAGE,
     MAX_EPS,
+    MAX_SOURCE_DEPTH,
     PROFILE_FORMAT,
     ExpertSteering,
     ProfileMismatchError,
     SteeringProfile,
     _ranges,
+    describe_validation_error,
 )
 
 OLMOE = {"architecture": "OlmoeForCausalLM", "num_layers": 16, "num_experts": 64, "top_k": 8}
@@ -58,16 +62,18 @@ def test_int_keys_are_accepted_too():
 
 
 def test_missing_sets_default_to_empty():
-    s = ExpertSteering()
-    assert s.activate == {} and s.deactivate == {} and s.eps is None
-    assert s.is_empty()
-    assert steering(activate=None, deactivate=None).is_empty()
+    # Steering with no expert at all is refused (see the tests of empty steering below), so
+    # each set is left out beside a non-empty other.
+    s = steering(deactivate={"1": [2]})
+    assert s.activate == {} and s.eps is None
+    assert not s.is_empty()
+    assert steering(activate={"1": [2]}, deactivate=None).deactivate == {}
+    assert steering(activate=None, deactivate={"1": [2]}).activate == {}
 
 
 def test_empty_expert_lists_are_dropped():
-    s = steering(activate={"3": []}, deactivate={"4": []})
-    assert s.activate == {} and s.deactivate == {}
-    assert s.is_empty()
+    s = steering(activate={"3": [], "1": [2]}, deactivate={"4": []})
+    assert s.activate == {1: [2]} and s.deactivate == {}
 
 
 def test_not_empty_with_only_deactivate():
@@ -125,7 +131,7 @@ def test_eps_out_of_range_is_refused(eps):
 
 @pytest.mark.parametrize("eps", [1e-6, 0.01, 1.0, MAX_EPS])
 def test_eps_in_range_is_kept(eps):
-    assert steering(eps=eps).eps == eps
+    assert steering(activate={"1": [1]}, eps=eps).eps == eps
 
 
 def test_extra_fields_are_refused():
@@ -279,9 +285,10 @@ def test_profile_loads():
 
 
 def test_profile_minimal():
-    p = SteeringProfile.model_validate({"name": "m", "model": OLMOE})
+    # The least a profile may be: a name, its model and one expert (empty ones are refused).
+    p = SteeringProfile.model_validate({"name": "m", "model": OLMOE, "deactivate": {"1": [2]}})
     assert p.format == PROFILE_FORMAT
-    assert p.is_empty() and p.eps is None
+    assert p.activate == {} and p.eps is None
     assert p.description == "" and p.tags == [] and p.source == {}
 
 
@@ -447,3 +454,116 @@ def test_deactivating_so_many_that_top_k_cannot_be_filled_is_refused():
     s = steering(deactivate={"1": list(range(7))})
     with pytest.raises(ProfileMismatchError, match="at least top-k"):
         s.check_shape(ModelShape("X", 4, 8, 2))
+
+
+# ---- empty steering is refused, inline and as a profile ----------------------------------------
+
+EMPTY_FORMS = [
+    {},
+    {"activate": {"3": []}},
+    {"activate": {}, "deactivate": {}},
+    {"activate": None, "deactivate": None},
+    {"activate": {"3": [], "4": []}, "deactivate": {"5": []}},
+    {"eps": 0.5},
+]
+
+
+def test_empty_steering_message():
+    assert EMPTY_STEERING_MESSAGE == (
+        "steering selects no experts: give at least one expert to activate or deactivate"
+    )
+
+
+@pytest.mark.parametrize("inline", EMPTY_FORMS)
+def test_empty_inline_steering_is_refused(inline):
+    with pytest.raises(ValidationError) as info:
+        ExpertSteering.model_validate(inline)
+    (error,) = info.value.errors()
+    assert error["type"] == EMPTY_STEERING_ERROR
+    assert error["msg"] == EMPTY_STEERING_MESSAGE
+    assert describe_validation_error(info.value, "steering") == (
+        "steering: steering selects no experts: give at least one expert to activate or "
+        "deactivate"
+    )
+
+
+def test_steering_built_without_arguments_is_refused():
+    with pytest.raises(ValidationError, match="steering selects no experts"):
+        ExpertSteering()
+
+
+@pytest.mark.parametrize("sets", EMPTY_FORMS)
+def test_empty_profile_is_refused(sets):
+    with pytest.raises(ValidationError) as info:
+        SteeringProfile.model_validate({"name": "empty", "model": OLMOE, **sets})
+    assert describe_validation_error(info.value, "profile") == (
+        "profile: steering selects no experts: give at least one expert to activate or "
+        "deactivate"
+    )
+    with pytest.raises(ValidationError, match="steering selects no experts"):
+        SteeringProfile(name="empty", model=OLMOE, **sets)
+
+
+@pytest.mark.parametrize("sets", [{"activate": {"3": [1]}}, {"deactivate": {"3": [1]}},
+                                  {"activate": {"3": [1]}, "deactivate": {"4": []}},
+                                  {"activate": {"3": []}, "deactivate": {"4": [2]}}])
+def test_steering_with_only_activations_or_only_deactivations_is_accepted(sets):
+    inline = ExpertSteering.model_validate(sets)
+    profile = SteeringProfile.model_validate({"name": "one-sided", "model": OLMOE, **sets})
+    assert not inline.is_empty() and not profile.is_empty()
+    assert (profile.activate, profile.deactivate) == (inline.activate, inline.deactivate)
+
+
+def test_field_errors_are_reported_before_the_empty_check():
+    with pytest.raises(ValidationError) as info:
+        SteeringProfile.model_validate({"name": "bad name", "model": OLMOE})
+    assert [e["loc"] for e in info.value.errors()] == [("name",)]
+
+
+def test_is_empty_still_describes_unvalidated_instances():
+    assert ExpertSteering.model_construct(activate={}, deactivate={}, eps=None).is_empty()
+    s = steering(activate={"1": [2]})
+    s.activate = {}  # assignment is not validated
+    assert s.is_empty()
+
+
+# ---- bounds on what a profile echoes and holds -------------------------------------------------
+
+
+def test_a_long_layer_key_is_cut_in_the_message():
+    with pytest.raises(ValidationError) as info:
+        steering(activate={"k" * 5000: [1]})
+    message = describe_validation_error(info.value, "steering")
+    assert "is not a decimal layer index" in message
+    assert len(message) < 200
+
+
+@pytest.mark.parametrize("key", ["1" * 10, "9" * 5000])
+def test_a_layer_key_of_many_digits_is_refused_plainly(key):
+    with pytest.raises(ValidationError) as info:
+        steering(activate={key: [1]})
+    message = describe_validation_error(info.value, "steering")
+    assert "is not a decimal layer index" in message
+    assert "set_int_max_str_digits" not in message
+
+
+def nested(depth: int) -> object:
+    value: object = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_source_may_nest_up_to_the_limit_and_still_be_written():
+    source = {"x": nested(MAX_SOURCE_DEPTH - 1)}
+    p = SteeringProfile.model_validate(profile_data(source=source))
+    assert SteeringProfile.model_validate_json(p.to_json()) == p
+
+
+@pytest.mark.parametrize("depth", [MAX_SOURCE_DEPTH, 300, 900])
+def test_source_nesting_too_deep_to_write_back_is_refused(depth):
+    with pytest.raises(ValidationError) as info:
+        SteeringProfile.model_validate(profile_data(source={"x": nested(depth)}))
+    assert describe_validation_error(info.value, "profile") == (
+        f"source: Value error, nested more than {MAX_SOURCE_DEPTH} levels deep"
+    )

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,8 @@ def test_validate_all_reports_corrupt_and_mismatched_files(tmp_path, caplog):
     store = ProfileStore(tmp_path)
     store.put(make_profile("good"))
     other = {**MODEL, "num_layers": 24}
-    store.put(SteeringProfile.model_validate({"name": "other", "model": other}))
+    store.put(SteeringProfile.model_validate({"name": "other", "model": other,
+                                              "activate": {"1": [1]}}))
     (tmp_path / "broken.json").write_text('{"format": "steermoe-profile/1", "na')
     (tmp_path / "renamed.json").write_text(make_profile("elsewhere").to_json())
     with caplog.at_level(logging.ERROR):
@@ -238,3 +240,112 @@ def test_concurrent_threads_and_processes_never_expose_a_partial_profile(tmp_pat
         | set(range(1000, 1060)) | set(range(2000, 2060))
     )
     assert os.listdir(tmp_path) == ["shared.json"]
+
+
+# ---- empty profiles, unusual entries, and messages without paths -----------------------------
+
+
+def test_put_refuses_a_profile_emptied_after_validation(tmp_path):
+    profile = make_profile("p")
+    profile.activate = {}  # assignment is not validated
+    with pytest.raises(ValueError, match="steering selects no experts"):
+        ProfileStore(tmp_path).put(profile)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_store_errors_name_no_path(tmp_path):
+    store = ProfileStore(tmp_path)
+    store.put(make_profile("p"))
+    errors = []
+    for call in (lambda: store.get("nope"), lambda: store.delete("nope"),
+                 lambda: store.put(make_profile("p"))):
+        with pytest.raises((ProfileNotFoundError, ProfileExistsError)) as info:
+            call()
+        errors.append(info.value)
+    assert [str(e) for e in errors] == [
+        "no profile 'nope' in the profile directory",
+        "no profile 'nope' in the profile directory",
+        "profile 'p' already exists (overwrite it explicitly)",
+    ]
+    assert all(e.directory == tmp_path for e in errors)
+    assert [e.name for e in errors] == ["nope", "nope", "p"]
+
+
+def test_write_atomic_exclusive_error_names_the_file_only(tmp_path):
+    write_atomic(tmp_path / "x.json", b"1")
+    with pytest.raises(FileExistsError) as info:
+        write_atomic(tmp_path / "x.json", b"2", overwrite=False)
+    assert str(info.value) == "x.json already exists"
+
+
+def _unusual_entries(tmp_path: Path) -> list[str]:
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "dir.json").mkdir()
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "huge.json").write_bytes(b" " * (2 << 20))
+    (tmp_path / "deep.json").write_text("[" * 100000)
+    names = ["dangling", "deep", "dir", "fifo", "huge"]
+    if os.path.exists("/dev/zero"):
+        (tmp_path / "zero.json").symlink_to("/dev/zero")
+        names.append("zero")
+    return names
+
+
+def _run_with_deadline(fn, seconds: float = 10.0):
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # handed to the test
+            outcome["value"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"blocked for over {seconds} s"
+    return outcome["value"], time.monotonic() - started
+
+
+@pytest.mark.timeout(60)
+def test_listing_and_validate_all_skip_unusual_entries_without_blocking(tmp_path):
+    store = ProfileStore(tmp_path)
+    store.put(make_profile("good"))
+    names = _unusual_entries(tmp_path)
+    assert store.list() == sorted([*names, "good"])
+    (ok, errors), took = _run_with_deadline(lambda: store.validate_all(SHAPE))
+    assert list(ok) == ["good"] and took < 10
+    assert sorted(errors) == [f"{name}.json" for name in sorted(names)]
+    for name, message in errors.items():
+        assert message.startswith(f"{name}: ") and str(tmp_path) not in message, message
+    assert errors["fifo.json"] == "fifo.json: cannot read: not a regular file (a FIFO)"
+
+
+@pytest.mark.timeout(60)
+def test_get_reports_an_unusable_entry_and_delete_removes_it(tmp_path):
+    store = ProfileStore(tmp_path)
+    names = _unusual_entries(tmp_path)
+    for name in names:
+        error, _ = _run_with_deadline(lambda name=name: store.get(name))
+        assert isinstance(error, ProfileFileError), (name, error)
+        assert str(tmp_path) not in str(error)
+    for name in names:
+        if name == "dir":
+            with pytest.raises(ProfileNotFoundError):
+                store.delete(name)
+        else:
+            assert store.delete(name) == [tmp_path / f"{name}.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json"]
+
+
+def test_delete_removes_a_symlink_not_its_target(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ProfileStore(elsewhere).put(make_profile("p"))
+    store = ProfileStore(tmp_path / "profiles", create=True)
+    store.profile_path("p").symlink_to(elsewhere / "p.json")
+    assert store.get("p") == make_profile("p")
+    store.delete("p")
+    assert not store.profile_path("p").is_symlink()
+    assert (elsewhere / "p.json").is_file()

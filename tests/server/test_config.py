@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import pytest
 
 from server.config import (
@@ -13,6 +16,7 @@ from server.config import (
     parse_client_profiles,
     parse_endpoint,
     parse_endpoints,
+    read_admin_token_file,
 )
 
 
@@ -71,3 +75,59 @@ def test_admin_token_from_env(monkeypatch):
     assert admin_token_from_env() is None
     monkeypatch.setenv(ADMIN_TOKEN_ENV, "t")
     assert admin_token_from_env() == "t"
+
+
+def test_admin_token_file(tmp_path, caplog):
+    path = tmp_path / "token"
+    path.write_text("  s3cret-token\n\n")
+    path.chmod(0o600)
+    with caplog.at_level(logging.WARNING):
+        assert read_admin_token_file(path) == "s3cret-token"
+    assert not caplog.records
+    path.chmod(0o640)
+    with caplog.at_level(logging.WARNING):
+        assert read_admin_token_file(str(path)) == "s3cret-token"
+    assert "readable by group or others" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_admin_token_file_through_a_symlink(tmp_path):
+    target = tmp_path / "real"
+    target.write_text("linked")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert read_admin_token_file(link) == "linked"  # as a mounted secret is
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "holds no token"),
+    (b" \n\t ", "holds no token"),
+    (b"x" * 4097, "larger than 4096 bytes"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b"two\nlines", "one line of printable ASCII"),
+    ("t\u00f6ken".encode(), "one line of printable ASCII"),
+])
+def test_bad_admin_token_files(tmp_path, content, message):
+    path = tmp_path / "token"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as caught:
+        read_admin_token_file(path)
+    assert "xxxx" not in str(caught.value) and "lines" not in str(caught.value)
+
+
+def test_admin_token_file_at_the_size_limit(tmp_path):
+    path = tmp_path / "token"
+    path.write_bytes(b"y" * 4096)
+    assert read_admin_token_file(path) == "y" * 4096
+
+
+def test_admin_token_file_that_is_not_a_regular_file(tmp_path):
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_admin_token_file(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):  # and does not block
+        read_admin_token_file(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_admin_token_file("/dev/zero")
+    with pytest.raises(ConfigError, match="cannot open"):
+        read_admin_token_file(tmp_path / "missing")

@@ -40,11 +40,20 @@ def test_split_model():
     assert split_model(["--model", "m"]) == (None, ["--model", "m"])
 
 
-def test_steering_options_are_taken_vllm_options_passed_on(profiles, local_model):
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "admin-token"
+    path.write_text("t\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_steering_options_are_taken_vllm_options_passed_on(profiles, local_model, token_file):
     config, argv, token = prepare([
         local_model, "--dtype", "float32", "--profiles", str(profiles),
         "--endpoint", "safe=safety", "--allow-routing-capture", "--max_num_seqs", "4",
-        "--admin-token", "t", "--middleware", "other.Middleware", "--port=8001",
+        "--admin-token-file", str(token_file), "--middleware", "other.Middleware",
+        "--port=8001",
     ])
     assert argv[:2] == ["serve", local_model]
     assert argv[2:7] == ["--dtype", "float32", "--max_num_seqs", "4", "--port=8001"]
@@ -100,3 +109,74 @@ def test_cli_dispatch(capsys):
         main(["serve", "--help"])
     assert caught.value.code == 0
     assert "--allow-inline-steering" in capsys.readouterr().out
+
+
+# ---- the admin token ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["m", "--admin-token", "secret"],
+    ["m", "--admin-token=secret"],
+    ["m", "--admin_token", "secret"],
+    ["m", "--admin-token"],
+])
+def test_admin_token_on_the_command_line_is_refused(args, capsys, monkeypatch):
+    monkeypatch.delenv("STEERMOE_ADMIN_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="--admin-token-file") as caught:
+        prepare(args)
+    assert "STEERMOE_ADMIN_TOKEN" in str(caught.value) and "secret" not in str(caught.value)
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert "--admin-token-file" in err and "STEERMOE_ADMIN_TOKEN" in err
+    assert "secret" not in err
+
+
+def test_admin_token_comes_from_the_file_or_the_environment(profiles, token_file, monkeypatch):
+    monkeypatch.delenv("STEERMOE_ADMIN_TOKEN", raising=False)
+    assert prepare(["m", "--profiles", str(profiles)])[2] is None
+    monkeypatch.setenv("STEERMOE_ADMIN_TOKEN", " from-env ")
+    _, argv, token = prepare(["m", "--profiles", str(profiles)])
+    assert token == "from-env"
+    _, argv, token = prepare(["m", "--admin-token-file", str(token_file)])
+    assert token == "t"  # the file wins over the environment
+    assert not any("admin" in arg or arg == "t" for arg in argv)  # nothing goes on to vLLM
+
+
+def test_serve_main_passes_the_token_in_the_environment(token_file, monkeypatch):
+    for name in ("STEERMOE_ADMIN_TOKEN", "STEERMOE_SERVER_CONFIG"):  # restored afterwards
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    seen = {}
+
+    def fake_run(argv):
+        import os
+
+        seen["argv"], seen["token"] = list(argv), os.environ.get("STEERMOE_ADMIN_TOKEN")
+        return 0
+
+    monkeypatch.setattr("server.vllm_server_compat.run_vllm_serve", fake_run)
+    assert main(["serve", "m", "--admin-token-file", str(token_file)]) == 0
+    assert seen["token"] == "t" and "t" not in seen["argv"]
+
+
+def test_unusable_token_files_are_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("STEERMOE_ADMIN_TOKEN", raising=False)
+    empty = tmp_path / "empty"
+    empty.write_text("  \n")
+    with pytest.raises(ConfigError, match="holds no token"):
+        prepare(["m", "--admin-token-file", str(empty)])
+    with pytest.raises(ConfigError, match="cannot open"):
+        prepare(["m", "--admin-token-file", str(tmp_path / "missing")])
+    with pytest.raises(ConfigError, match="not a regular file"):
+        prepare(["m", "--admin-token-file", str(tmp_path)])
+
+
+def test_an_invalid_locked_profile_is_refused_at_start(profiles, local_model):
+    (profiles / "broken.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="--endpoint x: broken.json: not valid JSON"):
+        prepare([local_model, "--profiles", str(profiles), "--endpoint", "x=broken"])
+    empty = {"format": "steermoe-profile/1", "name": "empty", "model": MODEL,
+             "activate": {}, "deactivate": {"1": []}}
+    (profiles / "empty.json").write_text(json.dumps(empty))
+    with pytest.raises(ConfigError, match="--endpoint x: empty.json: .*no experts"):
+        prepare([local_model, "--profiles", str(profiles), "--endpoint", "x=empty"])

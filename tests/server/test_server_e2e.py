@@ -415,7 +415,7 @@ def test_metrics(http, base_model):
     assert metric_value(text, "steermoe:request_latency_seconds_count", profile="concise") >= 1
     assert metric_value(text, "steermoe:profiles_loaded") >= 3
     assert metric_value(text, "steermoe:profile_load_errors") >= 2
-    assert metric_value(text, "steermoe:admin_operations_total", operation="PUT") >= 1
+    assert metric_value(text, "steermoe:admin_operations_total", operation="put") >= 1
 
 
 def audit_lines(path: Path, request_id: str) -> tuple[list[dict], list[dict]]:

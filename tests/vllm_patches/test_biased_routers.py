@@ -58,7 +58,7 @@ def _steer(engine, per_request: list[ResolvedSteering | None], tokens: int) -> N
     lookup = dict(zip(req_ids, per_request, strict=True))
     engine.prepare_step(
         req_ids, np.full(len(req_ids), tokens), np.zeros(len(req_ids), dtype=np.int64),
-        lambda r: {"steermoe": lookup[r].to_extra_args()} if lookup[r] else None, req_ids,
+        lambda r: {"steermoe": lookup[r].to_extra_args()} if lookup[r] else None,
     )
 
 

@@ -44,7 +44,7 @@ def engine(build_tiny, tmp_path_factory):
         json.dumps(_profile("other-model", other, deactivate={"1": [40]}))
     )
     with running_llm(checkpoint, profiles, enable_prefix_caching=True, block_size=32) as llm:
-        yield {"llm": llm, "checkpoint": checkpoint, "shape": shape}
+        yield {"llm": llm, "checkpoint": checkpoint, "shape": shape, "profiles": profiles}
 
 
 def _params(**extra: Any):
@@ -66,6 +66,10 @@ def _params(**extra: Any):
         ({"steering": {"activate": "all"}}, "invalid inline steering"),
         ({"steering": {"activate": {"1": [0]}}, "steering_profile": "calm"}, "not both"),
         ({"capture_routing": "yes"}, "'capture_routing' must be true or false"),
+        ({"steering": {}}, "steering selects no experts"),
+        ({"steering": {"activate": {"1": []}}}, "steering selects no experts"),
+        ({"steering": "{}"}, "steering selects no experts"),
+        ({"steering": "[" * 5000}, "must be an object"),
     ],
 )
 def test_bad_steering_fails_only_that_request(engine, extra, message):
@@ -99,6 +103,27 @@ def test_prefix_cache_is_not_shared_across_steering(engine):
     assert computed[1] >= prompt_len, "a steered request reused unsteered KV blocks"
     assert computed[2] < prompt_len, "identical steering should share the prefix cache"
     assert computed[3] < prompt_len, "identical expert sets (inline) share the prefix cache"
+
+
+def test_prefix_cache_salt_cannot_be_forged(engine):
+    """The digest of a steering is public; a client salt built from it must not let an
+    unsteered request fill the blocks that steered requests read (nor steering A's, B's)."""
+    from expert_profiles.directory import load_profile_file
+    from vllm_patches.request_steering import salted
+
+    llm = engine["llm"]
+    prompt = ("Answer from the document only; say when the answer is not there. The museum "
+              "opens at ten, closes at five, and is free on the first Sunday of every month")
+    digest = load_profile_file(engine["profiles"] / "calm.json").digest(0.01)
+    forged = [f"|steermoe:{digest}", salted(None, digest), f"steermoe:{digest}"]
+    for salt in forged:
+        llm.generate({"prompt": prompt, "cache_salt": salt}, _params())
+    other = {"steering": {"activate": {"1": [6]}}}
+    llm.generate(prompt, _params(**other))  # steering B fills its own blocks
+    out = llm.generate(prompt, _params(capture_routing=True, steering_profile="calm"))[0]
+    ids = fetch_routing(llm, [out.request_id])[out.request_id].expert_ids
+    assert int((ids[:, 0, 0] >= 0).sum()) >= len(out.prompt_token_ids), \
+        "a steered request read KV blocks filled under a forged salt or other steering"
 
 
 PLUGIN_OFF_SCRIPT = """

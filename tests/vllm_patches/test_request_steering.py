@@ -16,9 +16,11 @@ from vllm_patches.request_steering import (
     ResolvedSteering,
     SteeringRequestError,
     UnknownProfileError,
+    check_mark,
     default_eps,
     resolve_request,
     salted,
+    steering_mark,
     wants_capture,
 )
 
@@ -198,9 +200,12 @@ def test_invalid_profile_file_is_500(tmp_path):
         assert str(info.value).startswith(f"steering profile {name!r} cannot be used: {name}.json")
 
 
-def test_empty_profile_resolves_to_none(tmp_path):
+def test_empty_profile_is_refused(tmp_path):
+    """Empty steering has one meaning everywhere: refused (never a request the engine sees)."""
     write_profile(tmp_path, "empty", activate={}, deactivate={}, eps=0.5)
-    assert resolve({"steering_profile": "empty"}, ProfileCache(tmp_path)) is None
+    with pytest.raises(SteeringRequestError) as info:
+        resolve({"steering_profile": "empty"}, ProfileCache(tmp_path))
+    assert info.value.status == 500 and "selects no experts" in str(info.value)
 
 
 # ---- ProfileCache ------------------------------------------------------------------------------
@@ -341,8 +346,10 @@ def test_inline_layer_without_moe_block_is_400(cache):
 
 
 @pytest.mark.parametrize("inline", [{}, {"activate": {}}, {"activate": {"3": []}}, {"eps": 0.5}])
-def test_empty_inline_resolves_to_none(cache, inline):
-    assert resolve({"steering": inline}, cache) is None
+def test_empty_inline_is_refused(cache, inline):
+    with pytest.raises(SteeringRequestError) as info:
+        resolve({"steering": inline}, cache)
+    assert info.value.status == 400 and "selects no experts" in str(info.value)
 
 
 # ---- model that cannot be steered --------------------------------------------------------------
@@ -414,13 +421,36 @@ def test_wants_capture_needs_a_bool(value):
 
 
 def test_salted():
-    assert salted(None, "abc") == "|steermoe:abc"
-    assert salted("", "abc") == "|steermoe:abc"
-    user = salted("my-salt", "abc")
-    assert user.startswith("my-salt") and user == "my-salt|steermoe:abc"
+    assert salted(None, None) is None  # unsteered, no client salt: shares with stock requests
+    assert salted(None, "abc").startswith("steermoe:")
     assert salted("my-salt", "abc") != salted("my-salt", "abd")
     assert salted("a", "abc") != salted("b", "abc")
-    assert salted(None, "abc") != "abc"
+    assert salted(None, "abc") != salted("", "abc")
+    assert salted("my-salt", None) != "my-salt"
+
+
+def test_no_client_salt_reaches_the_salt_of_other_steering():
+    """The digest is public: a client salt naming it, or equal to the salted value itself,
+    must not give an unsteered request the salt of steered ones."""
+    steered = salted(None, "abc")
+    for forged in ("|steermoe:abc", "steermoe:abc", steered, f"{steered}", "abc"):
+        assert salted(forged, None) != steered
+        assert salted(forged, "other") != steered
+
+
+def test_mark_binds_the_steering_fields():
+    key = b"k" * 32
+    fields = {"steering_profile": "safety", "capture_routing": 1}
+    mark = steering_mark(key, fields)
+    check_mark(key, {**fields, "steermoe_auth": mark})
+    for forged in ({**fields, "steermoe_auth": "0" * 64},
+                   {"steering_profile": "unsafe", "capture_routing": 1, "steermoe_auth": mark},
+                   {"steering_profile": "safety", "steermoe_auth": mark},
+                   fields,
+                   {**fields, "steermoe_auth": steering_mark(b"x" * 32, fields)}):
+        with pytest.raises(SteeringRequestError) as info:
+            check_mark(key, forged)
+        assert info.value.status == 403
 
 
 def test_default_eps(monkeypatch):

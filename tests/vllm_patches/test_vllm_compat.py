@@ -122,3 +122,37 @@ def test_compile_cache_key_includes_the_hooks(monkeypatch):
     first, again, changed = key_with("a" * 64), key_with("a" * 64), key_with("b" * 64)
     assert len(first) == len(plain) and first != plain
     assert first == again and first != changed
+
+
+def test_installed_parallel_config_has_the_batch_splitting_switches():
+    """The switches `batch_splitting_mode` reads exist in the installed vLLM (else it would
+    silently see every mode as off)."""
+    from vllm.config import ParallelConfig
+
+    config = ParallelConfig()
+    assert config.enable_dbo is False and config.ubatch_size in (0, 1)
+    assert config.use_sequence_parallel_moe is False
+    assert vllm_compat.batch_splitting_mode(config) is None
+
+
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"enable_dbo": True}, "dual-batch overlap"),
+    ({"ubatch_size": 2}, "micro-batching"),
+    ({"use_sequence_parallel_moe": True}, "sequence-parallel MoE"),
+])
+def test_modes_that_split_a_step_refuse_to_start(monkeypatch, settings, named):
+    parallel = SimpleNamespace(**{"enable_dbo": False, "ubatch_size": 1,
+                                  "use_sequence_parallel_moe": False, **settings})
+    assert named in vllm_compat.batch_splitting_mode(parallel)
+    layer = (MoELayerInfo(0, 8, 2, "FusedTopKRouter"), SimpleNamespace())
+    runner = SimpleNamespace(vllm_config=SimpleNamespace(parallel_config=parallel),
+                             get_model=lambda: None)
+    written = []
+    monkeypatch.setattr(vllm_compat, "_write_engine_info", lambda r, info: written.append(info))
+    monkeypatch.setattr(vllm_compat, "_moe_layers", lambda model: [layer])
+    with pytest.raises(vllm_compat.UnsupportedLayoutError, match=named) as info:
+        vllm_compat.attach_engine_steering(runner)
+    assert "STEERMOE_DISABLE=1" in str(info.value) and written == []
+    monkeypatch.setattr(vllm_compat, "_moe_layers", lambda model: [])  # a dense model starts
+    assert vllm_compat.attach_engine_steering(runner) is None
+    assert written == [{"steerable": False, "reason": "it has no vLLM fused-MoE layers"}]
