@@ -15,11 +15,25 @@ from expert_profiles.store import ProfileExistsError, ProfileStore
 logger = logging.getLogger(__name__)
 
 
+class EmptySelectionError(ValueError):
+    """A selection with no expert in it, which no profile can hold."""
+
+
 def profile_from_selection(name: str, shape: ModelShape, selection: Selection, *,
                            description: str = "", source: dict[str, Any] | None = None,
                            tags: list[str] | None = None,
                            eps: float | None = None) -> SteeringProfile:
-    """A validated profile activating and deactivating the selected experts."""
+    """A validated profile activating and deactivating the selected experts.
+
+    Raises EmptySelectionError when nothing was selected (a profile must select experts)."""
+    if selection.counts() == (0, 0):
+        raise EmptySelectionError(
+            f"no experts selected for profile {name!r}: asked to activate "
+            f"{selection.activate_requested} and deactivate {selection.deactivate_requested}; "
+            f"{selection.activate_available} experts lean towards the target side and "
+            f"{selection.deactivate_available} away from it. A profile must select at least "
+            "one expert: ask for more, or use pairs whose sides differ more."
+        )
     return SteeringProfile(
         name=name,
         model=ProfileModel(**shape.to_dict()),
@@ -38,7 +52,7 @@ def save_with_stats(store: ProfileStore, profile: SteeringProfile, stats: Expert
     if not overwrite and store.exists(profile.name):
         raise ProfileExistsError(
             f"profile {profile.name!r} already exists in {store.directory} "
-            "(overwrite it explicitly)"
+            "(overwrite it explicitly)", name=profile.name, directory=store.directory
         )
     written = [store.put_stats(profile.name, stats)]
     if heatmap:

@@ -15,6 +15,7 @@ from server.response_editor import ResponseEditor
 from vllm_patches.request_steering import ResolvedSteering
 
 MAX_LOGGED_ERROR = 300
+MAX_LOGGED_ID = 160
 
 
 @dataclass
@@ -60,7 +61,7 @@ def record_completion(context: SteeringContext, trace: CompletionTrace, status: 
         return
     decision, requested, resolved = trace.decision, trace.requested, trace.resolved
     write_audit(context.audit, AuditRecord(
-        request_id=editor.response_id if editor else None,
+        request_id=_short(editor.response_id, MAX_LOGGED_ID) if editor else None,
         path=trace.path,
         endpoint=_short(trace.endpoint),
         profile=decision.profile if decision is not None else _short(requested.profile),
