@@ -66,19 +66,22 @@ class SteeringContext:
         return self.served_model().served_shape()
 
     def resolve(self, decision: SteeringDecision) -> rs.ResolvedSteering | None:
-        """Check the decided steering against the served model; SteeringHTTPError if it fails."""
+        """Check the decided steering against the served model; SteeringHTTPError if it fails.
+
+        A profile is read once per request: the copy the policy checked (or, for a locked
+        endpoint, read here), and its resolved expert sets are what the engine runs."""
         if not decision.steered:
             return None
         model = self.served_model()
         shape, reason = model.served_shape()
-        if decision.profile is not None:
-            extra: dict[str, Any] = {rs.PROFILE_KEY: decision.profile}
-            param = rs.PROFILE_KEY
-        else:
-            extra = {rs.INLINE_KEY: decision.inline}
-            param = rs.INLINE_KEY
+        param = rs.PROFILE_KEY if decision.profile is not None else rs.INLINE_KEY
         try:
-            return rs.resolve_request(extra, shape, self.profiles, model.eps, reason)
+            shape = rs.require_steerable(shape, reason)
+            if decision.profile is not None:
+                profile = decision.loaded or self.policy.profile(decision.profile)
+                return rs.resolve_profile(profile, shape, model.eps)
+            assert decision.inline is not None
+            return rs.resolve_inline(decision.inline, shape, model.eps)
         except rs.SteeringRequestError as exc:
             raise as_http_error(exc, param) from None
 

@@ -58,7 +58,7 @@ from server.request_body import (
     with_steering,
 )
 from server.request_record import CompletionTrace, record_completion
-from server.response_editor import ResponseEditor
+from server.response_editor import MAX_ERROR_MESSAGE, ResponseEditor
 from server.routing_field import routing_field
 from vllm_patches.request_steering import CAPTURE_KEY, ResolvedSteering, server_key
 
@@ -66,8 +66,6 @@ logger = logging.getLogger("steermoe.server")
 
 STEERING_HEADER = "x-steermoe-steering"
 JSON_TYPE = "application/json"
-# The longest error message sent (client input in messages is clipped where it is inserted).
-MAX_ERROR_MESSAGE = 1000
 # A client's X-Request-Id is kept (as a prefix) only in this form.
 REQUEST_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -214,7 +212,7 @@ class SteeringMiddleware:
         if trace.locked:
             rest["model"] = config.default_name
         forwarded = with_steering(rest, decision.profile, decision.inline, decision.capture,
-                                  server_key())
+                                  server_key(), trace.resolved)
         extra_headers: dict[bytes, bytes] = {}
         capture_id = None
         if decision.capture:
@@ -271,6 +269,7 @@ class SteeringMiddleware:
 
     async def _other_post(self, scope: Scope, receive: Receive, send: Send, path: str,
                           headers: dict[str, str]) -> None:
+        send = ResponseEditor(send, None, None)  # bounds vLLM's own error messages
         if path in compat.MULTIPART_PATHS and media_type(headers).startswith("multipart/"):
             # Audio uploads: vLLM reads the form itself. Locked names are not served there
             # (404) and unmarked steering is refused by the engine front end.

@@ -6,7 +6,7 @@ the served model is checked afterwards, when it is resolved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from expert_profiles.schema import SteeringProfile
@@ -31,6 +31,8 @@ class SteeringDecision:
     profile: str | None = None
     inline: dict[str, Any] | None = None
     capture: bool = False
+    # The profile as the policy read it: resolution uses this object, never a later read.
+    loaded: SteeringProfile | None = field(default=None, compare=False, repr=False)
 
     @property
     def steered(self) -> bool:
@@ -101,7 +103,8 @@ class SteeringPolicy:
                 403, f"steering profile {profile.name!r} is not available to clients on this "
                 "server", param=PROFILE_KEY,
             )
-        return SteeringDecision(endpoint, profile=profile.name, capture=requested.capture)
+        return SteeringDecision(endpoint, profile=profile.name, capture=requested.capture,
+                                loaded=profile)
 
     def _locked(self, endpoint: str | None, profile: str,
                 requested: RequestedSteering) -> SteeringDecision:

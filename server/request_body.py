@@ -20,6 +20,9 @@ from vllm_patches.request_steering import (
     PROFILE_KEY,
     REQUEST_KEYS,
     RESERVED_KEYS,
+    RESOLVED_KEY,
+    ResolvedSteering,
+    resolved_to_wire,
     steering_mark,
 )
 
@@ -165,14 +168,20 @@ def take_steering(body: dict[str, Any]) -> tuple[RequestedSteering, dict[str, An
 
 
 def with_steering(body: dict[str, Any], profile: str | None, inline: dict[str, Any] | None,
-                  capture: bool, key: bytes | None = None) -> dict[str, Any]:
-    """`body` (without steering fields) carrying the steering to apply in `vllm_xargs`, marked
-    with `key` (the server's secret) so the engine front end knows the steering layer allowed it.
+                  capture: bool, key: bytes | None = None,
+                  resolved: ResolvedSteering | None = None) -> dict[str, Any]:
+    """`body` (without steering fields) carrying the steering to apply in `vllm_xargs`.
+
+    With `key` (the server's secret, under `steermoe serve`) it carries the `resolved` expert
+    sets themselves and a mark, so the engine front end runs exactly what was checked here;
+    without it (plain `vllm serve --middleware`), the request keys, resolved there.
     """
     out = dict(body)
     xargs = dict(out.get(XARGS_KEY) or {})
     steering: dict[str, Any] = {}
-    if profile is not None:
+    if key is not None and resolved is not None:
+        steering[RESOLVED_KEY] = resolved_to_wire(resolved)
+    elif profile is not None:
         steering[PROFILE_KEY] = profile
     elif inline is not None:
         steering[INLINE_KEY] = encode_inline(inline)

@@ -12,8 +12,22 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from server.asgi_io import Message, Send, dump_json, header_map, set_header
+from server.errors import clip
+
+# The longest error message a client gets (client input in it is clipped where inserted).
+MAX_ERROR_MESSAGE = 1000
 
 JsonEdit = Callable[[Any], Awaitable[Any]]
+
+
+def bounded_error(data: Any) -> Any:
+    """An error answer whose `error.message` is clipped (vLLM's own messages echo client input,
+    a 60 kB model name for one); `data` itself when nothing needs clipping."""
+    error = data.get("error") if isinstance(data, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str) or clip(message, MAX_ERROR_MESSAGE) == message:
+        return data
+    return {**data, "error": {**error, "message": clip(message, MAX_ERROR_MESSAGE)}}
 
 
 def _model_field(name: str) -> bytes:
@@ -74,8 +88,8 @@ class ResponseEditor:
         message = {**message, "headers": headers}
         content_type = header_map(headers).get("content-type", "")
         self.streamed = content_type.startswith("text/event-stream")
-        if self.status == 200 and content_type.startswith("application/json") \
-                and self._edit_json is not None:
+        is_json = content_type.startswith("application/json")
+        if is_json and (self.status >= 400 or (self.status == 200 and self._edit_json)):
             self._start = message
             self._held = []
             return
@@ -90,7 +104,9 @@ class ResponseEditor:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             data = None
-        if data is not None:
+        if data is not None and self.status is not None and self.status >= 400:
+            body = dump_json(bounded_error(data)) if bounded_error(data) is not data else raw
+        elif data is not None:
             self._note(data)
             assert self._edit_json is not None
             body = dump_json(await self._edit_json(data))

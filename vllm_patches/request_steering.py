@@ -59,6 +59,7 @@ DEFAULT_EPS = 0.01
 # What a client may send, and what only this package writes.
 REQUEST_KEYS = (PROFILE_KEY, INLINE_KEY, CAPTURE_KEY)
 RESERVED_KEYS = (RESOLVED_KEY, CAPTURE_ID_KEY, AUTH_KEY)
+MARKED_KEYS = (RESOLVED_KEY, *REQUEST_KEYS)
 
 
 def default_eps() -> float:
@@ -188,45 +189,75 @@ def resolve_request(
         raise SteeringRequestError(
             f"give either {PROFILE_KEY!r} or {INLINE_KEY!r}, not both"
         )
-    if steerable_reason is not None:
-        raise ModelNotSteerableError(steerable_reason)
-    if shape is None:
-        raise ModelNotSteerableError("the served model has no Mixture-of-Experts layers to steer")
+    shape = require_steerable(shape, steerable_reason)
     if name is not None:
         if not isinstance(name, str):
             raise SteeringRequestError(f"{PROFILE_KEY!r} must be a string")
-        profile = profiles.get(name)
-        try:
-            profile.check_model(shape)
-        except ProfileMismatchError as exc:
-            raise SteeringRequestError(
-                str(exc), status=409, code="profile_model_mismatch"
-            ) from None
-        sets: ExpertSteering = profile
-        label = f"profile:{name}"
-    else:
-        if not isinstance(inline, dict):
-            raise SteeringRequestError(f"{INLINE_KEY!r} must be an object (or its JSON text)")
-        try:
-            sets = ExpertSteering.model_validate(inline)
-        except ValidationError as exc:
-            problems = describe_validation_error(exc, INLINE_KEY)
-            raise SteeringRequestError(f"invalid inline steering: {problems}") from None
-        try:
-            sets.check_shape(shape)
-        except ProfileMismatchError as exc:
-            raise SteeringRequestError(f"invalid inline steering: {exc}") from None
-        label = "inline"
-    if sets.is_empty():
-        return None
-    effective = sets.eps if sets.eps is not None else eps
+        return resolve_profile(profiles.get(name), shape, eps)
+    if not isinstance(inline, dict):
+        raise SteeringRequestError(f"{INLINE_KEY!r} must be an object (or its JSON text)")
+    return resolve_inline(inline, shape, eps)
+
+
+def require_steerable(shape: ModelShape | None, reason: str | None) -> ModelShape:
+    """The served shape; ModelNotSteerableError if the served model cannot be steered."""
+    if reason is not None:
+        raise ModelNotSteerableError(reason)
+    if shape is None:
+        raise ModelNotSteerableError("the served model has no Mixture-of-Experts layers to steer")
+    return shape
+
+
+def resolve_profile(profile: Any, shape: ModelShape, eps: float) -> ResolvedSteering:
+    """The expert sets of a loaded profile, checked against the served shape.
+
+    Takes the profile object (not its name) so that whoever checked it (the policy) and what
+    runs are the same version of the file."""
+    try:
+        profile.check_model(shape)
+    except ProfileMismatchError as exc:
+        raise SteeringRequestError(str(exc), status=409, code="profile_model_mismatch") from None
+    return _resolved(profile, f"profile:{profile.name}", eps)
+
+
+def resolve_inline(inline: dict[str, Any], shape: ModelShape, eps: float) -> ResolvedSteering:
+    """Inline expert sets, validated and checked against the served shape."""
+    try:
+        sets = ExpertSteering.model_validate(inline)
+    except ValidationError as exc:
+        problems = describe_validation_error(exc, INLINE_KEY)
+        raise SteeringRequestError(f"invalid inline steering: {problems}") from None
+    try:
+        sets.check_shape(shape)
+    except ProfileMismatchError as exc:
+        raise SteeringRequestError(f"invalid inline steering: {exc}") from None
+    return _resolved(sets, "inline", eps)
+
+
+def _resolved(sets: ExpertSteering, label: str, eps: float) -> ResolvedSteering:
     return ResolvedSteering(
         label=label,
         digest=sets.digest(eps),
         activate=dict(sets.activate),
         deactivate=dict(sets.deactivate),
-        eps=effective,
+        eps=sets.eps if sets.eps is not None else eps,
     )
+
+
+def resolved_to_wire(steering: ResolvedSteering) -> str:
+    """Resolved steering as the JSON text `vllm_xargs` can carry (strings and numbers only)."""
+    return json.dumps(steering.to_extra_args(), separators=(",", ":"), sort_keys=True)
+
+
+def resolved_from_wire(text: Any) -> ResolvedSteering:
+    """The inverse of `resolved_to_wire`; SteeringRequestError for anything else."""
+    try:
+        data = json.loads(text) if isinstance(text, str) else None
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        return ResolvedSteering.from_extra_args(data)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise SteeringRequestError("malformed resolved steering") from None
 
 
 def wants_capture(extra_args: dict[str, Any] | None) -> bool:
@@ -254,8 +285,9 @@ def salted(cache_salt: str | None, digest: str | None) -> str | None:
 
 
 def steering_mark(key: bytes, extra_args: dict[str, Any]) -> str:
-    """The HMAC the steering layer attaches to the request keys it authorised."""
-    fields = [extra_args.get(name) for name in REQUEST_KEYS]
+    """The HMAC the steering layer attaches to the steering it authorised (the resolved expert
+    sets it sends, and any request key)."""
+    fields = [extra_args.get(name) for name in MARKED_KEYS]
     text = json.dumps(fields, separators=(",", ":"), sort_keys=True, default=str)
     return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 

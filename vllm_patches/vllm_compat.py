@@ -173,38 +173,54 @@ class FrontendSteering:
     def apply(self, request: Any) -> None:
         """Resolve and attach steering to an EngineCoreRequest; raises SteeringRequestError.
 
-        The request keys are replaced by the resolved steering (the engine never sees them);
-        under `steermoe serve` they must carry the steering layer's mark. Every request's
-        prefix-cache salt is rewritten (`salted`), steered or not, so no client salt can
-        reach the salt of steering the client did not get.
+        The request keys are replaced by the resolved steering (the engine never sees them).
+        Under `steermoe serve` (a server key is set) steering must carry the steering layer's
+        mark, and the layer sends the expert sets it resolved itself, so what its policy checked
+        is what runs, even if the profile file changes meanwhile. Every request's prefix-cache
+        salt is rewritten (`salted`), steered or not, so no client salt can reach the salt of
+        steering the client did not get.
         """
         params = getattr(request, "sampling_params", None)
         extra = dict(getattr(params, "extra_args", None) or {})
-        given = {key: extra[key] for key in rs.REQUEST_KEYS if key in extra}
-        kept = {key: value for key, value in extra.items()
-                if key not in rs.REQUEST_KEYS and key not in rs.RESERVED_KEYS}
-        steering = None
-        if given:
-            key = rs.server_key()
-            if key is not None:
-                rs.check_mark(key, extra)
-            shape, reason = self.served_shape()
-            steering = rs.resolve_request(given, shape, self.profiles, self.eps, reason)
-            if steering is not None and shape is not None:
-                # The worker's own check: what passes here, the worker can apply.
-                problem = applicable_problem(steering, shape.moe_layers, shape.num_experts,
-                                             shape.top_k)
-                if problem is not None:
-                    raise rs.SteeringRequestError(f"steering cannot be applied: {problem}")
-            if rs.wants_capture(given):
-                kept[rs.CAPTURE_KEY] = True
-                kept[rs.CAPTURE_ID_KEY] = request.request_id
+        key = rs.server_key()
+        marked = key is not None and any(name in extra for name in rs.MARKED_KEYS)
+        if marked:
+            rs.check_mark(key, extra)
+        kept = {name: value for name, value in extra.items()
+                if name not in rs.REQUEST_KEYS and name not in rs.RESERVED_KEYS}
+        steering = self._steering(extra if marked else
+                                  {k: v for k, v in extra.items() if k in rs.REQUEST_KEYS})
+        if rs.wants_capture({k: v for k, v in extra.items() if k == rs.CAPTURE_KEY}):
+            kept[rs.CAPTURE_KEY] = True
+            kept[rs.CAPTURE_ID_KEY] = request.request_id
         if steering is not None:
             kept[rs.RESOLVED_KEY] = steering.to_extra_args()
         request.cache_salt = rs.salted(request.cache_salt,
                                        steering.digest if steering is not None else None)
         if params is not None and extra:
             params.extra_args = kept or None
+
+    def _steering(self, fields: dict[str, Any]) -> rs.ResolvedSteering | None:
+        """The resolved steering of a request's (trusted) fields, checked against the engine."""
+        given = {name: fields[name] for name in (rs.PROFILE_KEY, rs.INLINE_KEY) if name in fields}
+        wire = fields.get(rs.RESOLVED_KEY)
+        if wire is None and not given:
+            return None
+        if wire is not None and given:
+            raise rs.SteeringRequestError("give either resolved steering or request keys")
+        shape, reason = self.served_shape()
+        if wire is not None:
+            steering = rs.resolved_from_wire(wire)
+            shape = rs.require_steerable(shape, reason)
+        else:
+            steering = rs.resolve_request(given, shape, self.profiles, self.eps, reason)
+        if steering is not None and shape is not None:
+            # The worker's own check: what passes here, the worker can apply.
+            problem = applicable_problem(steering, shape.moe_layers, shape.num_experts,
+                                         shape.top_k)
+            if problem is not None:
+                raise rs.SteeringRequestError(f"steering cannot be applied: {problem}")
+        return steering
 
 
 _FRONTEND: FrontendSteering | None = None

@@ -58,7 +58,7 @@ def test_steering_options_are_taken_vllm_options_passed_on(profiles, local_model
     assert argv[:2] == ["serve", local_model]
     assert argv[2:7] == ["--dtype", "float32", "--max_num_seqs", "4", "--port=8001"]
     names = argv[argv.index("--served-model-name") + 1: argv.index("--middleware")]
-    assert names == [local_model, "safe"]
+    assert names == [local_model]  # vLLM never serves a locked name (it could run unsteered)
     assert argv[-4:] == ["--middleware", "other.Middleware", "--middleware", MIDDLEWARE]
     assert config.endpoints == {"safe": "safety"} and config.allow_routing_capture
     assert not config.allow_inline_steering and token == "t"
@@ -69,7 +69,7 @@ def test_served_model_names_become_the_base_names(profiles):
     config, argv, _ = prepare(["--model", "hub/model", "--served-model-name", "a", "b",
                                "--profiles", str(profiles), "--endpoint", "c=safety"])
     assert config.base_names == ("a", "b")
-    assert argv[argv.index("--served-model-name") + 1:][:3] == ["a", "b", "c"]
+    assert argv[argv.index("--served-model-name") + 1:][:3] == ["a", "b", "--middleware"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
