@@ -30,6 +30,8 @@ class AuditRecord:
     completion_tokens: int | None = None
     latency_s: float | None = None
     error: str | None = None
+    # A Responses continuation run with the steering of the response it continues.
+    inherited: bool = False
 
     def to_json(self) -> str:
         data = {"time": _utc_now(), "event": "steered_request", **asdict(self)}

@@ -1,6 +1,7 @@
 """The `steermoe` command: dispatches to its subcommands.
 
     steermoe serve MODEL ...   the OpenAI-compatible steering server (server.serve_command)
+    steermoe run-batch ...     vLLM's batch runner, steered per line (server.run_batch_command)
     steermoe profile ...       manage, detect and import steering profiles (expert_profiles.cli)
     steermoe demo ...          the demo model with planted behaviours (expert_profiles.demo)
     steermoe eval ...          behaviour rates per steering setting (expert_profiles.evaluation)
@@ -17,6 +18,8 @@ USAGE = """usage: steermoe COMMAND ...
 commands:
   serve     serve a model with vLLM's OpenAI-compatible API, steerable per request
             (steermoe serve MODEL [vllm serve options] [steering options]; see --help)
+  run-batch run an OpenAI batch file with the steering options of serve, per line
+            (steermoe run-batch -i IN.jsonl -o OUT.jsonl MODEL [options]; see --help)
   profile   manage, detect and import steering profiles (see steermoe profile --help)
   demo      build, prepare and serve the demo model (see steermoe demo --help)
   eval      behaviour rate per steering setting against an OpenAI-compatible server
@@ -29,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.serve_command import serve_main
 
         return serve_main(args[1:])
+    if args and args[0] == "run-batch":
+        from server.run_batch_command import run_batch_main
+
+        return run_batch_main(args[1:])
     if args and args[0] == "profile":
         from expert_profiles.cli import profile_main
 

@@ -14,6 +14,7 @@ from server.config import ServerConfig, admin_token_from_env
 from server.errors import SteeringHTTPError
 from server.metrics import SteeringMetrics, steering_metrics
 from server.policy import SteeringDecision, SteeringPolicy, as_http_error
+from server.responses_state import ResponseSteeringStore
 from vllm_patches import request_steering as rs
 
 
@@ -42,6 +43,8 @@ class SteeringContext:
         self.policy = SteeringPolicy(config, self.profiles)
         self.metrics = metrics or steering_metrics()
         self.audit = audit_logger(config.audit_log)
+        # The steering of stored Responses-API responses (this process's).
+        self.responses = ResponseSteeringStore()
         self._served_model = served_model
         self._scan: tuple[Any, dict[str, SteeringProfile], dict[str, str]] | None = None
 

@@ -1,7 +1,10 @@
 """Errors in the shape vLLM's OpenAI server gives its own: {"error": {message, type, param, code}}.
 
 `code` is the HTTP status as an integer and `type` the OpenAI SDK's name for it, as in vLLM's
-`ErrorResponse` (the same in vLLM 0.26 and 0.32).
+`ErrorResponse` (the same in vLLM 0.26 and 0.32). On the Anthropic Messages API
+(`/v1/messages...`) vLLM answers `{"type": "error", "error": {"type", "message"}}` with the same
+type names (`entrypoints/anthropic/api_router.py`, `translate_error_response`); so does the
+steering layer there.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ def error_type(status: int) -> str:
 def error_payload(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type(status), "param": param,
                       "code": status}}
+
+
+def anthropic_error_payload(status: int, message: str) -> dict[str, Any]:
+    """An error in the shape of vLLM's Anthropic Messages API."""
+    return {"type": "error", "error": {"type": error_type(status), "message": message}}
 
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:

@@ -39,10 +39,11 @@ class SteeringMetrics:
     """The `steermoe:` metrics (one set per process)."""
 
     def __init__(self) -> None:
-        labels = ["endpoint", "profile"]
+        # `path`: the steerable API (its path, `run-batch:/v1/chat/completions` or `other`).
+        labels = ["path", "endpoint", "profile"]
         self.requests = Counter(
-            "steermoe:requests", "Completion requests by endpoint, steering profile and status "
-            "(profile 'none' = unsteered, 'inline' = inline steering).",
+            "steermoe:requests", "Generation requests by API path, endpoint, steering profile "
+            "and status (profile 'none' = unsteered, 'inline' = inline steering).",
             [*labels, "status"],
         )
         self.prompt_tokens = Counter(
@@ -69,14 +70,15 @@ class SteeringMetrics:
             ["operation", "status"],
         )
 
-    def observe_request(self, endpoint: str, profile: str, status: int, seconds: float,
-                        prompt_tokens: int | None, completion_tokens: int | None) -> None:
-        self.requests.labels(endpoint, profile, status_label(status)).inc()
-        self.latency.labels(endpoint, profile).observe(seconds)
+    def observe_request(self, path: str, endpoint: str, profile: str, status: int,
+                        seconds: float, prompt_tokens: int | None,
+                        completion_tokens: int | None) -> None:
+        self.requests.labels(path, endpoint, profile, status_label(status)).inc()
+        self.latency.labels(path, endpoint, profile).observe(seconds)
         if prompt_tokens:
-            self.prompt_tokens.labels(endpoint, profile).inc(prompt_tokens)
+            self.prompt_tokens.labels(path, endpoint, profile).inc(prompt_tokens)
         if completion_tokens:
-            self.generated_tokens.labels(endpoint, profile).inc(completion_tokens)
+            self.generated_tokens.labels(path, endpoint, profile).inc(completion_tokens)
 
     def observe_admin_operation(self, operation: str, status: int) -> None:
         """Count one `/v1/steering` request; both labels come from bounded sets."""

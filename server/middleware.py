@@ -5,17 +5,25 @@ vLLM adds it with `--middleware server.middleware.SteeringMiddleware`. Per reque
 - every request: a second Content-Type, Authorization, Content-Length or Transfer-Encoding
   header is refused (400); with vLLM's `--api-key`, a client without a valid key gets 401
   here, so nothing unauthorised is forwarded;
-- POST /v1/chat/completions, /v1/completions: only `application/json` (else 415); reads
+- POST to a steerable API (`vllm_server_compat.STEERABLE_PATHS`: /v1/chat/completions,
+  /v1/completions, /v1/responses, /v1/messages, /v1/chat/completions/batch, /invocations):
+  only `application/json` (else 415); one path for all (`steering_plan.plan_request`): reads
   `steering_profile` / `steering` / `capture_routing` (top level or in `vllm_xargs`), applies
   the operator's policy, checks the steering against the served model, rewrites the body so
   vLLM carries the steering in `vllm_xargs` with this server's mark (the engine front end
   refuses unmarked steering), turns a locked endpoint's name into the base model's (vLLM does
   not serve locked names, so a request that slips past gets 404, never an unsteered answer),
   and marks the response (`x-steermoe-steering` header, `steering` field, `routing` when
-  captured, `model` = the requested locked name); counts it in the metrics and writes the
-  audit line;
+  captured, `model` = the requested locked name, streamed events too); counts it in the
+  metrics and writes the audit line. Errors have the API's own shape (Anthropic's on
+  /v1/messages). Responses continuing a stored response (`previous_response_id`) keep its
+  steering and cannot leave its locked endpoint (`responses_state`);
+- GET /v1/responses/{id}, POST /v1/responses/{id}/cancel: the stored response's steering
+  (header and field) and its locked name in `model`;
 - other POST paths: a body is checked as JSON (415/400 otherwise, multipart audio uploads
-  excepted), locked endpoint names and steering fields are refused (they do not steer);
+  excepted), locked endpoint names (except on tokenizer paths, where they become the base
+  model's) and steering fields are refused (they do not steer; /inference/v1/generate, which
+  takes raw sampling parameters, included);
 - /v1/steering/...: answers itself (`profiles_api`);
 - GET /v1/models: adds the locked endpoints; GET /metrics: refreshes the profile gauges.
 Anything else passes through untouched.
@@ -24,9 +32,7 @@ Anything else passes through untouched.
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 from typing import Any
 
 from server import vllm_server_compat as compat
@@ -47,55 +53,40 @@ from server.asgi_io import (
     with_body_headers,
 )
 from server.context import SteeringContext
-from server.errors import SteeringHTTPError, clip, error_payload
-from server.policy import SteeringDecision
+from server.errors import SteeringHTTPError, anthropic_error_payload, clip, error_payload
 from server.profiles_api import PREFIX, ProfilesAPI
-from server.request_body import (
-    capture_problem,
-    contains_steering,
-    parse_json_object,
-    take_steering,
-    with_steering,
-)
+from server.request_body import parse_json_object
 from server.request_record import CompletionTrace, record_completion
 from server.response_editor import MAX_ERROR_MESSAGE, ResponseEditor
+from server.responses_state import check_new_id, previous_response
 from server.routing_field import routing_field
-from vllm_patches.request_steering import CAPTURE_KEY, ResolvedSteering, server_key
+from server.steering_plan import (  # noqa: F401  (re-exported)
+    check_other_body,
+    plan_request,
+    steering_field,
+    steering_header,
+    stored_steering,
+    unique_request_id,
+)
 
 logger = logging.getLogger("steermoe.server")
 
 STEERING_HEADER = "x-steermoe-steering"
 JSON_TYPE = "application/json"
-# A client's X-Request-Id is kept (as a prefix) only in this form.
-REQUEST_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+RESPONSES_PREFIX = f"{compat.RESPONSES_PATH}/"
+CANCEL_SUFFIX = "/cancel"
 
 
-def steering_header(decision: SteeringDecision | None, resolved: ResolvedSteering | None,
-                    served_names: tuple[str, ...] = ()) -> str:
-    """`profile=NAME; endpoint=E; digest=D`, `inline; endpoint=E; digest=D`, or `none`.
-
-    The endpoint appears only if it is a served name (never the client's text as sent)."""
-    if decision is None or not decision.steered:
-        return "none"
-    parts = [f"profile={decision.profile}" if decision.profile is not None else "inline"]
-    if decision.endpoint and decision.endpoint in served_names:
-        parts.append(f"endpoint={clip(decision.endpoint)}")
-    if resolved is not None:
-        parts.append(f"digest={resolved.digest}")
-    return "; ".join(parts)
-
-
-def steering_field(decision: SteeringDecision | None,
-                   resolved: ResolvedSteering | None) -> dict[str, Any] | None:
-    if decision is None or not decision.steered:
+def stored_response_id(method: str, path: str) -> str | None:
+    """The id in `GET /v1/responses/{id}` or `POST /v1/responses/{id}/cancel`, else None."""
+    if not path.startswith(RESPONSES_PREFIX):
         return None
-    return {
-        "profile": decision.profile,
-        "inline": decision.inline is not None,
-        "endpoint": decision.endpoint,
-        "locked": decision.locked,
-        "digest": resolved.digest if resolved is not None else None,
-    }
+    rest = path[len(RESPONSES_PREFIX):]
+    if method == "POST" and rest.endswith(CANCEL_SUFFIX):
+        rest = rest[:-len(CANCEL_SUFFIX)]
+    elif method != "GET":
+        return None
+    return rest if rest and "/" not in rest else None
 
 
 class SteeringMiddleware:
@@ -105,6 +96,8 @@ class SteeringMiddleware:
         self.app = app
         self.context = context or SteeringContext.from_env()
         self.api = ProfilesAPI(self.context)
+        # The APIs whose requests carry `vllm_xargs` to the engine in this vLLM.
+        self.steerable = compat.steerable_paths()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,20 +108,22 @@ class SteeringMiddleware:
         duplicate = duplicated_header(raw_headers)
         if duplicate is not None:
             await self._send_error(send, SteeringHTTPError(
-                400, f"the request has more than one {duplicate} header"))
+                400, f"the request has more than one {duplicate} header"), path)
             return
         headers = header_map(raw_headers)
         if path == PREFIX or path.startswith(f"{PREFIX}/"):
             await self._steering_api(scope, receive, send, path, method, headers)
         elif method != "OPTIONS" and not self._client_authorized(scope, path, headers):
             await self._send_error(send, SteeringHTTPError(
-                401, "Unauthorized", headers={"www-authenticate": "Bearer"}))
-        elif method == "POST" and path in compat.COMPLETION_PATHS:
-            await self._completion(scope, receive, send, path, headers)
+                401, "Unauthorized", headers={"www-authenticate": "Bearer"}), path)
+        elif method == "POST" and path in self.steerable:
+            await self._steered(scope, receive, send, path, headers)
         elif method == "POST":
             await self._other_post(scope, receive, send, path, headers)
         elif method == "GET" and path == compat.MODELS_PATH:
             await self.app(scope, receive, ResponseEditor(send, None, self._mark_models))
+        elif method == "GET" and (response_id := stored_response_id(method, path)) is not None:
+            await self.app(scope, receive, self._stored_response_editor(send, response_id))
         else:
             if method == "GET" and path == compat.METRICS_PATH:
                 self._refresh_gauges()
@@ -157,14 +152,14 @@ class SteeringMiddleware:
                                        headers.get("content-length"))
             response = self.api.handle(method, path, headers, body, compat.api_keys(scope))
         except BodyTooLarge:
-            await self._send_error(send, self._too_large())
+            await self._send_error(send, self._too_large(), path)
             return
         except ClientDisconnected:
             return
         except SteeringHTTPError as exc:
             if method != "GET":
                 self._count_admin(method, path, exc.status)
-            await self._send_error(send, exc)
+            await self._send_error(send, exc, path)
             return
         if method != "GET":
             self._count_admin(method, path, response.status)
@@ -175,12 +170,13 @@ class SteeringMiddleware:
         """Count an admin call under labels from fixed sets (no client-chosen label value)."""
         self.context.metrics.observe_admin_operation(self.api.operation_of(method, path), status)
 
-    # ---- completions ------------------------------------------------------------------------
+    # ---- steerable APIs ---------------------------------------------------------------------
 
-    async def _completion(self, scope: Scope, receive: Receive, send: Send, path: str,
-                          headers: dict[str, str]) -> None:
+    async def _steered(self, scope: Scope, receive: Receive, send: Send, path: str,
+                       headers: dict[str, str]) -> None:
+        """A request to one of the steerable APIs: every one takes this path (`plan_request`)."""
         trace = CompletionTrace(path=path, started=time.monotonic())
-        kind = compat.COMPLETION_PATHS[path]
+        kind = compat.STEERABLE_PATHS[path]
         config = self.context.config
         try:
             if media_type(headers) != JSON_TYPE:
@@ -189,39 +185,27 @@ class SteeringMiddleware:
             raw = await read_body(receive, config.max_request_bytes,
                                   headers.get("content-length"))
             body = parse_json_object(raw)
-            model = body.get("model")
-            trace.endpoint = (model if isinstance(model, str) else None) or config.default_name
-            trace.requested, rest = take_steering(body)
-            trace.locked = trace.endpoint in config.endpoints
-            decision = self.context.policy.decide(trace.endpoint, trace.requested)
-            trace.decision = decision
-            if decision.steered:
-                self._check_steerable(rest)
-            if decision.capture and (problem := capture_problem(kind, rest)):
-                raise SteeringHTTPError(400, problem, param=CAPTURE_KEY)
-            trace.resolved = self.context.resolve(decision)
+            previous = None
+            if kind == "responses":
+                check_new_id(self.context.responses, body)
+                previous_id, record = previous_response(self.context.responses, body)
+                previous = (previous_id, record) if previous_id is not None else None
+            plan = plan_request(self.context, kind, body, trace,
+                                headers.get(compat.REQUEST_ID_HEADER.decode()), previous)
         except ClientDisconnected:
             return
         except (BodyTooLarge, SteeringHTTPError) as exc:
             error = exc if isinstance(exc, SteeringHTTPError) else self._too_large()
-            await self._send_error(send, error, completion=True)
+            await self._send_error(send, error, path, steered=True)
             trace.error = error.message
             record_completion(self.context, trace, error.status, None)
             return
-        trace.stream = bool(rest.get("stream"))
-        if trace.locked:
-            rest["model"] = config.default_name
-        forwarded = with_steering(rest, decision.profile, decision.inline, decision.capture,
-                                  server_key(), trace.resolved)
+        decision, resolved = trace.decision, trace.resolved
         extra_headers: dict[bytes, bytes] = {}
-        capture_id = None
-        if decision.capture:
-            unique = self._unique_request_id(headers.get(compat.REQUEST_ID_HEADER.decode()))
-            extra_headers[compat.REQUEST_ID_HEADER] = unique.encode("ascii")
-            capture_id = compat.capture_request_id(kind, compat.response_id(kind, unique))
-        payload = dump_json(forwarded)
+        if plan.request_id_header is not None:
+            extra_headers[compat.REQUEST_ID_HEADER] = plan.request_id_header.encode("ascii")
+        payload = dump_json(plan.body)
         inner_scope = with_body_headers(scope, len(payload), extra_headers)
-        resolved = trace.resolved
         shown = trace.endpoint if trace.locked else None
         taken = False
 
@@ -232,44 +216,59 @@ class SteeringMiddleware:
             if shown is not None and data.get("model") == config.default_name:
                 data["model"] = shown
             data["steering"] = steering_field(decision, resolved)
-            if capture_id is not None:
+            if plan.capture_ids:
                 taken = True
+                capture_id = compat.capture_id_of(kind, plan.capture_ids, data)
                 data["routing"] = await routing_field(compat.engine_client(scope), capture_id)
             return data
 
+        def stored(status: int) -> None:
+            """A Responses answer has begun: record its steering before the client can see
+            its id (vLLM stores the response itself no earlier)."""
+            if status == 200 and plan.response_id is not None:
+                self.context.responses.put(
+                    plan.response_id, stored_steering(trace, config.served_names))
+
         header = steering_header(decision, resolved, config.served_names)
         rename = (config.default_name, shown) if shown is not None else None
-        editor = ResponseEditor(send, (STEERING_HEADER, header), edit, rename)
+        remember = kind == "responses" and compat.responses_store_enabled()
+        editor = ResponseEditor(send, (STEERING_HEADER, header), edit, rename,
+                                stored if remember else None)
         status = 500
         try:
             await self.app(inner_scope, replay(payload, receive), editor)
             status = editor.status or 500
         finally:
             record_completion(self.context, trace, status, editor)
-            if capture_id is not None and not taken:
-                await compat.discard_routing(scope, capture_id)
+            if plan.capture_ids and not taken:
+                for capture_id in plan.capture_ids:
+                    await compat.discard_routing(scope, capture_id)
 
-    @staticmethod
-    def _unique_request_id(given: str | None) -> str:
-        """A request id no other request has: the client's (sanitised, short) plus a random
-        part. A captured request's routing is looked up by it."""
-        prefix = REQUEST_ID_CHARS.sub("", given or "")[:48]
-        random_part = uuid.uuid4().hex
-        return f"{prefix}-{random_part}" if prefix else random_part
+    def _stored_response_editor(self, send: Send, response_id: str | None) -> ResponseEditor:
+        """A `send` for GET /v1/responses/{id} and its cancel: the steering the stored response
+        ran with (header and field), its locked endpoint's name in `model`; vLLM's own error
+        messages bounded."""
+        record = self.context.responses.get(response_id) if response_id is not None else None
+        if record is None:
+            return ResponseEditor(send, None, None)
+        base = self.context.config.default_name
+        rename = (base, record.endpoint) if record.locked and base is not None else None
 
-    @staticmethod
-    def _check_steerable(body: dict[str, Any]) -> None:
-        for name in compat.UNSTEERABLE_FIELDS:
-            if body.get(name):
-                raise SteeringHTTPError(
-                    400, f"steering cannot be applied with {name!r}", param=name
-                )
+        async def edit(data: Any) -> Any:
+            if isinstance(data, dict):
+                if rename is not None and data.get("model") == base:
+                    data["model"] = record.endpoint
+                data["steering"] = record.field
+            return data
+
+        return ResponseEditor(send, (STEERING_HEADER, record.header), edit, rename)
 
     # ---- other paths ------------------------------------------------------------------------
 
     async def _other_post(self, scope: Scope, receive: Receive, send: Send, path: str,
                           headers: dict[str, str]) -> None:
-        send = ResponseEditor(send, None, None)  # bounds vLLM's own error messages
+        # Bounds vLLM's own error messages (and marks a cancelled stored response).
+        send = self._stored_response_editor(send, stored_response_id("POST", path))
         if path in compat.MULTIPART_PATHS and media_type(headers).startswith("multipart/"):
             # Audio uploads: vLLM reads the form itself. Locked names are not served there
             # (404) and unmarked steering is refused by the engine front end.
@@ -289,10 +288,10 @@ class SteeringMiddleware:
         except ClientDisconnected:
             return
         except BodyTooLarge:
-            await self._send_error(send, self._too_large())
+            await self._send_error(send, self._too_large(), path)
             return
         except SteeringHTTPError as exc:
-            await self._send_error(send, exc)
+            await self._send_error(send, exc, path)
             return
         if body is None:
             await self.app(scope, replay(raw, receive), send)
@@ -301,24 +300,7 @@ class SteeringMiddleware:
         await self.app(with_body_headers(scope, len(payload)), replay(payload, receive), send)
 
     def _checked_other_body(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """Raises for locked names and steering fields; returns a rewritten body (a locked name
-        on a tokenizer path becomes the base model's) or None to forward the bytes as sent."""
-        completions = " and ".join(compat.COMPLETION_PATHS)
-        config = self.context.config
-        model = body.get("model")
-        locked = isinstance(model, str) and model in config.endpoints
-        if locked and path not in compat.TOKENIZATION_PATHS:
-            raise SteeringHTTPError(
-                403, f"endpoint '{clip(model)}' serves only {completions}", param="model"
-            )
-        key = contains_steering(body)
-        if key is not None:
-            raise SteeringHTTPError(
-                400, f"'{clip(key)}': steering is available on {completions} only", param=key
-            )
-        if locked:
-            return {**body, "model": config.default_name}
-        return None
+        return check_other_body(self.context.config, path, body)
 
     # ---- GET helpers ------------------------------------------------------------------------
 
@@ -353,10 +335,17 @@ class SteeringMiddleware:
         return SteeringHTTPError(413, f"the request body exceeds {limit} bytes")
 
     @staticmethod
-    async def _send_error(send: Send, error: SteeringHTTPError, completion: bool = False) -> None:
-        headers = {**error.headers, **({STEERING_HEADER: "none"} if completion else {})}
+    async def _send_error(send: Send, error: SteeringHTTPError, path: str,
+                          steered: bool = False) -> None:
+        """`error` in the shape of the API at `path` (Anthropic's on /v1/messages, else
+        OpenAI's); a refused request to a steerable API says `x-steermoe-steering: none`."""
+        headers = {**error.headers, **({STEERING_HEADER: "none"} if steered else {})}
         message = error.message
         if len(message) > MAX_ERROR_MESSAGE:
             message = message[:MAX_ERROR_MESSAGE] + "..."
-        param = clip(error.param) if error.param is not None else None
-        await send_json(send, error.status, error_payload(error.status, message, param), headers)
+        if path in compat.ANTHROPIC_PATHS:
+            payload = anthropic_error_payload(error.status, message)
+        else:
+            param = clip(error.param) if error.param is not None else None
+            payload = error_payload(error.status, message, param)
+        await send_json(send, error.status, payload, headers)

@@ -1,4 +1,7 @@
-"""Reading the steering fields of a completion request body and writing the body vLLM gets.
+"""Reading the steering fields of a request body and writing the body vLLM gets.
+
+The same for every steerable API (chat and text completions, Responses, Anthropic Messages,
+chat batches, SageMaker invocations, run-batch lines).
 
 A client asks for steering with top-level `steering_profile`, `steering` (inline expert sets)
 and `capture_routing`, or with the same keys inside vLLM's `vllm_xargs`. The rewritten body
@@ -196,13 +199,24 @@ def with_steering(body: dict[str, Any], profile: str | None, inline: dict[str, A
 
 
 def capture_problem(path_kind: str, body: dict[str, Any]) -> str | None:
-    """Why routing cannot be captured for this body (one sequence, non-streaming), or None."""
+    """Why routing cannot be captured for this body (one sequence, non-streaming), or None.
+
+    `path_kind` is an API kind of `vllm_server_compat` (`chat`, `completions`, `responses`,
+    `messages`, `chat_batch`, `invocations`, `batch_line`)."""
+    if path_kind == "invocations":  # vLLM runs it as a chat completion if it validates as one
+        path_kind = "chat" if "messages" in body else "completions"
     if body.get("stream"):
         return "capture_routing is available for non-streaming requests only"
     if (body.get("n") or 1) != 1 or (body.get("best_of") or 1) != 1:
         return "capture_routing needs n=1"
     if body.get("use_beam_search"):
         return "capture_routing is not available with beam search"
+    if path_kind == "responses" and body.get("background"):
+        return "capture_routing is not available with background"
+    if path_kind == "chat_batch":
+        conversations = body.get("messages")
+        if not isinstance(conversations, list) or len(conversations) != 1:
+            return "capture_routing needs a single conversation"
     if path_kind == "completions":
         prompt = body.get("prompt")
         if body.get("prompt_embeds") is not None:
@@ -217,7 +231,7 @@ def contains_steering(body: dict[str, Any]) -> str | None:
     """A steering or reserved key at the top level or in any `vllm_xargs`/`extra_args` object,
     or such a container that is not an object (vLLM turns lists of pairs into objects).
 
-    Used on paths other than the two completion APIs, which do not steer.
+    Used on paths other than the steerable APIs (`vllm_server_compat.STEERABLE_PATHS`).
     """
     for key in body:
         if key in STEERING_KEYS or key in RESERVED_KEYS:

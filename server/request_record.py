@@ -1,21 +1,37 @@
-"""What one completion request leaves behind: its metrics and, if steering was involved, an
+"""What one steerable request leaves behind: its metrics and, if steering was involved, an
 audit line."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from server import vllm_server_compat as compat
 from server.audit import AuditRecord, write_audit
 from server.context import SteeringContext
 from server.errors import MAX_ECHO, clip
 from server.policy import SteeringDecision
 from server.request_body import RequestedSteering
-from server.response_editor import ResponseEditor
 from vllm_patches.request_steering import ResolvedSteering
 
 MAX_LOGGED_ERROR = 300
 MAX_LOGGED_ID = 160
+# The `path` label of the request metrics: a steerable API's path or one of these.
+RUN_BATCH_PATH = "run-batch:/v1/chat/completions"
+PATH_LABELS = frozenset({*compat.STEERABLE_PATHS, RUN_BATCH_PATH})
+
+
+class ResponseFacts(Protocol):
+    """What is known about the answer (`ResponseEditor`, or a run-batch output line)."""
+
+    response_id: str | None
+
+    def token_counts(self) -> tuple[int | None, int | None]: ...
+
+
+def path_label(path: str) -> str:
+    return path if path in PATH_LABELS else "other"
 
 
 @dataclass
@@ -31,6 +47,8 @@ class CompletionTrace:
     decision: SteeringDecision | None = None
     resolved: ResolvedSteering | None = None
     error: str | None = None
+    # A Responses continuation that runs with the steering of the response it continues.
+    inherited: bool = False
 
     @property
     def involves_steering(self) -> bool:
@@ -50,13 +68,13 @@ def _short(value: str | None, limit: int = MAX_ECHO) -> str | None:
 
 
 def record_completion(context: SteeringContext, trace: CompletionTrace, status: int,
-                      editor: ResponseEditor | None) -> None:
+                      editor: ResponseFacts | None) -> None:
     """Count the request in the metrics; write its audit line if steering was involved."""
     latency = time.monotonic() - trace.started
     prompt_tokens, completion_tokens = editor.token_counts() if editor else (None, None)
     endpoint = trace.endpoint if trace.endpoint in context.config.served_names else "other"
-    context.metrics.observe_request(endpoint, trace.profile_label(), status, latency,
-                                    prompt_tokens, completion_tokens)
+    context.metrics.observe_request(path_label(trace.path), endpoint, trace.profile_label(),
+                                    status, latency, prompt_tokens, completion_tokens)
     if not trace.involves_steering:
         return
     decision, requested, resolved = trace.decision, trace.requested, trace.resolved
@@ -68,6 +86,7 @@ def record_completion(context: SteeringContext, trace: CompletionTrace, status: 
         inline=(decision.inline if decision is not None else requested.inline) is not None,
         digest=resolved.digest if resolved is not None else None,
         locked=trace.locked,
+        inherited=trace.inherited,
         stream=trace.stream,
         status=status,
         prompt_tokens=prompt_tokens,

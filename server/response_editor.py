@@ -3,6 +3,9 @@
 A 200 JSON response is held until complete, handed to an async edit function and sent with a
 new Content-Length. Other responses (streams, errors) pass through as they come, with the
 header added; server-sent events are read on the way for the response id and `usage`.
+The response id and usage are read at the top level or, as the Responses API and the
+Anthropic Messages API nest them, inside `response` or `message`; usage counts either
+`prompt_tokens`/`completion_tokens` or `input_tokens`/`output_tokens`.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ class ResponseEditor:
     """A `send` for the wrapped app; records status, response id and usage."""
 
     def __init__(self, send: Send, header: tuple[str, str] | None, edit_json: JsonEdit | None,
-                 rename_model: tuple[str, str] | None = None):
+                 rename_model: tuple[str, str] | None = None,
+                 on_status: Callable[[int], None] | None = None):
         self._send = send
+        # Called with the status as soon as the wrapped app starts its answer.
+        self._on_status = on_status
         self._header = header
         self._edit_json = edit_json
         # (name vLLM answers with, name to show): streamed events get `model` renamed.
@@ -82,6 +88,8 @@ class ResponseEditor:
 
     async def _on_start(self, message: Message) -> None:
         self.status = int(message["status"])
+        if self._on_status is not None:
+            self._on_status(self.status)
         headers = list(message.get("headers", []))
         if self._header is not None:
             headers = set_header(headers, *self._header)
@@ -117,10 +125,13 @@ class ResponseEditor:
     def _note(self, data: Any) -> None:
         if not isinstance(data, dict):
             return
-        if self.response_id is None and isinstance(data.get("id"), str):
-            self.response_id = data["id"]
-        if isinstance(data.get("usage"), dict):
-            self.usage = data["usage"]
+        for holder in (data, data.get("response"), data.get("message")):
+            if not isinstance(holder, dict):
+                continue
+            if self.response_id is None and isinstance(holder.get("id"), str):
+                self.response_id = holder["id"]
+            if isinstance(holder.get("usage"), dict):
+                self.usage = holder["usage"]
 
     def _read_events(self, chunk: bytes) -> None:
         lines = (self._sse_tail + chunk).split(b"\n")
@@ -135,7 +146,13 @@ class ResponseEditor:
                     continue
 
     def token_counts(self) -> tuple[int | None, int | None]:
-        usage = self.usage or {}
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        return (prompt if isinstance(prompt, int) else None,
-                completion if isinstance(completion, int) else None)
+        return token_counts(self.usage)
+
+
+def token_counts(usage: Any) -> tuple[int | None, int | None]:
+    """(prompt, generated) tokens of a `usage` block (OpenAI, Responses or Anthropic names)."""
+    usage = usage if isinstance(usage, dict) else {}
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    return (prompt if type(prompt) is int else None,
+            completion if type(completion) is int else None)

@@ -20,10 +20,37 @@ and 0.32.0 (`entrypoints/launchers/app.py`, `entrypoints/serve/middleware/regist
 - beam search (`use_beam_search`) builds its own `SamplingParams` without `extra_args`, so
   it cannot be steered (`entrypoints/generate/beam_search/online.py` in both);
 - with `VLLM_USE_RUST_FRONTEND` (0.32) no Python middleware runs, so it is refused.
+
+The other generating APIs (checked in 0.32.0, `entrypoints/openai/responses`,
+`entrypoints/anthropic`, `entrypoints/openai/chat_completion/batch_serving.py`,
+`entrypoints/serve/sagemaker/api_router.py`, `entrypoints/generate/factories.py`):
+
+- `/v1/responses`: `vllm_xargs` becomes `extra_args`; the engine request id is the body's
+  `request_id` (default `resp_<uuid hex>`, also the response `id`) plus `_0` for the first
+  generation turn; `X-Request-Id` is not read. Responses are stored (for `previous_response_id`
+  and `GET /v1/responses/{id}`) only with `VLLM_ENABLE_RESPONSES_API_STORE=1`, in the memory of
+  the API server process that served them; streamed events nest `model` and `id` inside
+  `response`;
+- `/v1/messages`: the request (with its `vllm_xargs`) is turned into a chat completion, so the
+  engine request id is `chatcmpl-<X-Request-Id>`; errors have Anthropic's shape
+  `{"type": "error", "error": {"type", "message"}}` with vLLM's type names;
+- `/v1/chat/completions/batch`: `vllm_xargs` is an extra field copied into each conversation's
+  chat request; conversation i runs as `chatcmpl-<X-Request-Id>_i`;
+- `/invocations` (SageMaker): the body is tried as a chat completion, then as a completion;
+  its `model` is replaced (after the steering layer) by the `X-Amzn-SageMaker-Adapter-
+  Identifier` header, absent: none, the base model. So a locked name in the body keeps its
+  (marked) profile whatever the header says, a locked name in the header is unknown (404),
+  and any other body name runs as the base model; `--api-key` does not guard it;
+- `/inference/v1/generate` (only with `--enable-scale-out` or `--tokens-only`) takes raw
+  `sampling_params`: it cannot be steered (see `UNSTEERABLE_PATHS`);
+- `vllm run-batch`: `build_async_engine_client(args, usage_context=...)` and
+  `run_batch(engine_client, args)`; a `/v1/chat/completions` line runs as
+  `chatcmpl-<body request_id>`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -37,11 +64,26 @@ from vllm_patches.request_steering import SERVER_KEY_ENV
 
 MIDDLEWARE = "server.middleware.SteeringMiddleware"
 COMPLETION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+# Every API that generates and takes steering: path -> kind (how vLLM names its engine
+# requests and what a body may capture).
+STEERABLE_PATHS = {
+    **COMPLETION_PATHS,
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
+    "/v1/chat/completions/batch": "chat_batch",
+    "/invocations": "invocations",
+}
+RESPONSES_PATH = "/v1/responses"
+# Paths whose errors have the Anthropic shape.
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+# Generating paths that cannot carry steering: refused with steering fields (documented).
+UNSTEERABLE_PATHS = ("/inference/v1/generate",)
+RESPONSES_STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"
 # Paths whose body vLLM reads as a multipart form (audio uploads).
 MULTIPART_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 RESPONSE_ID_PREFIX = {"chat": "chatcmpl-", "completions": "cmpl-"}
 # Paths that take a model name but generate nothing: allowed on locked endpoints.
-TOKENIZATION_PATHS = ("/tokenize", "/detokenize")
+TOKENIZATION_PATHS = ("/tokenize", "/detokenize", "/v1/messages/count_tokens")
 MODELS_PATH = "/v1/models"
 METRICS_PATH = "/metrics"
 REQUEST_ID_HEADER = b"x-request-id"
@@ -110,6 +152,62 @@ def run_vllm_serve(argv: Sequence[str]) -> int:
     return 0
 
 
+class BatchRunner:
+    """vLLM's batch runner (`vllm run-batch`), driven in this process.
+
+    0.32: `vllm.entrypoints.launchers.run_batch` and `launchers.api_server.entry`; earlier
+    releases: `vllm.entrypoints.openai.run_batch` and `openai.api_server`. Both have
+    `make_arg_parser(parser)`, `run_batch(engine_client, args)` and
+    `build_async_engine_client(args, usage_context=...)`."""
+
+    def __init__(self) -> None:
+        try:
+            from vllm.entrypoints.launchers import run_batch as module
+            from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        except ImportError:
+            from vllm.entrypoints.openai import run_batch as module  # type: ignore[no-redef]
+            from vllm.entrypoints.openai.api_server import (  # type: ignore[no-redef]
+                build_async_engine_client,
+            )
+        self.module = module
+        self._build = build_async_engine_client
+
+    def parser(self) -> Any:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        return self.module.make_arg_parser(FlexibleArgumentParser(
+            prog="steermoe run-batch", description="vLLM's batch runner, steered per line"))
+
+    def positionals(self, argv: Sequence[str]) -> list[str]:
+        """The arguments none of vLLM's run-batch options takes (the model, given bare)."""
+        _, extras = self.parser().parse_known_args(list(argv))
+        return [arg for arg in extras if not arg.startswith("-")]
+
+    def parse_args(self, argv: Sequence[str]) -> Any:
+        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+        cli_env_setup()
+        args = self.parser().parse_args(list(argv))
+        configure_logging = getattr(importlib.import_module("vllm.logger"),
+                                    "configure_logging_from_args", None)  # 0.32, not 0.26
+        if configure_logging is not None:
+            configure_logging(args)
+        validate = getattr(self.module, "validate_run_batch_args", None)
+        if validate is not None:
+            validate(args)
+        return args
+
+    def engine_client(self, args: Any) -> Any:
+        """An async context manager giving the engine client (the engine runs inside it)."""
+        from vllm.usage.usage_lib import UsageContext
+
+        return self._build(args, usage_context=UsageContext.OPENAI_BATCH_RUNNER)
+
+    async def run(self, engine_client: Any, args: Any) -> None:
+        """vLLM's own run over `args.input_file`, written to `args.output_file`."""
+        await self.module.run_batch(engine_client, args)
+
+
 def app_of(scope: dict[str, Any]) -> Any:
     return scope.get("app")
 
@@ -151,6 +249,98 @@ async def discard_routing(scope: dict[str, Any], capture_id: str) -> None:
 def capture_request_id(kind: str, response_id: str) -> str:
     """The engine request id of the (single) sequence behind a completion response."""
     return response_id if kind == "chat" else f"{response_id}-0"
+
+
+def capture_ids(kind: str, unique: str) -> tuple[str, ...]:
+    """The engine request ids the single sequence of a captured request of `kind` may have.
+
+    `unique` is the request id the steering layer gave it: the `X-Request-Id` header, or for
+    `responses` and `batch_line` (a run-batch line), the body's `request_id`. `invocations`
+    runs as a chat completion or a completion, as vLLM decides (`capture_id_of` picks)."""
+    if kind in ("chat", "messages"):
+        return (f"chatcmpl-{unique}",)
+    if kind == "completions":
+        return (f"cmpl-{unique}-0",)
+    if kind == "chat_batch":
+        return (f"chatcmpl-{unique}_0",)
+    if kind == "responses":
+        return (f"{unique}_0",)
+    if kind == "batch_line":
+        return (f"chatcmpl-{unique}",)
+    if kind == "invocations":
+        return (f"chatcmpl-{unique}", f"cmpl-{unique}-0")
+    raise ValueError(f"unknown API kind {kind!r}")
+
+
+def capture_id_of(kind: str, candidates: tuple[str, ...], data: Any) -> str:
+    """Which of `candidates` ran, judged by the response `data` (only `invocations` varies)."""
+    if kind == "invocations" and isinstance(data, dict):
+        return candidates[1] if data.get("object") == "text_completion" else candidates[0]
+    return candidates[0]
+
+
+def _responses_carry_xargs() -> bool:
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    return "vllm_xargs" in ResponsesRequest.model_fields
+
+
+def _messages_carry_xargs() -> bool:
+    # vLLM 0.26's Anthropic request has no `vllm_xargs` (pydantic would drop it silently).
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+
+    return "vllm_xargs" in AnthropicMessagesRequest.model_fields
+
+
+def _batches_carry_xargs() -> bool:
+    from vllm.entrypoints.openai.chat_completion.protocol import BatchChatCompletionRequest
+
+    conversation = [{"role": "user", "content": "x"}]
+    batch = BatchChatCompletionRequest.model_validate(
+        {"messages": [conversation], "vllm_xargs": {"probe": "1"}})
+    return batch.to_chat_completion_request(conversation).vllm_xargs == {"probe": "1"}
+
+
+def _invocations_carry_xargs() -> bool:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return all("vllm_xargs" in model.model_fields
+               for model in (ChatCompletionRequest, CompletionRequest))
+
+
+_CARRIES_XARGS = {
+    "/v1/responses": _responses_carry_xargs,
+    "/v1/messages": _messages_carry_xargs,
+    "/v1/chat/completions/batch": _batches_carry_xargs,
+    "/invocations": _invocations_carry_xargs,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def steerable_paths() -> dict[str, str]:
+    """STEERABLE_PATHS less the APIs whose requests, in the installed vLLM, do not carry
+    `vllm_xargs` to the engine: steering sent there would be dropped without a word, so they
+    are treated as routes that do not steer (steering 400, locked names 403)."""
+    paths = dict(STEERABLE_PATHS)
+    for path, carries in _CARRIES_XARGS.items():
+        try:
+            supported = carries()
+        except Exception:  # not in this vLLM, or changed: fail closed
+            supported = False
+        if not supported:
+            logging.getLogger("steermoe.server").warning(
+                "steermoe: this vLLM's %s does not carry vllm_xargs; it cannot be steered", path)
+            paths.pop(path)
+    return paths
+
+
+def responses_store_enabled() -> bool:
+    """Whether vLLM's Responses API stores responses (`VLLM_ENABLE_RESPONSES_API_STORE`)."""
+    try:
+        return bool(int(os.environ.get(RESPONSES_STORE_ENV, "0")))  # as vllm.envs reads it
+    except ValueError:
+        return False
 
 
 def frontend_steering() -> Any:

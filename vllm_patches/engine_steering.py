@@ -159,17 +159,24 @@ def capture_id_of(req_id: str, extra_args: dict[str, Any] | None) -> str | None:
 class EngineSteering:
     """Steering state of one model runner.
 
+    `layers` are the MoE layers this worker holds; `model_layers` every MoE layer of the model
+    (all pipeline stages; default: `layers`). Steering is checked against the model's layers
+    and written for the held ones; routing is recorded for the held ones (the caller merges the
+    stages' records: `routing_capture.fetch_routing`).
+
     Per-request state lives from a request's first scheduled step until `forget` names it.
     """
 
     def __init__(self, layers: Sequence[MoELayerInfo], max_tokens: int, max_slots: int,
-                 device: torch.device, clock: Callable[[], float] = time.monotonic):
+                 device: torch.device, clock: Callable[[], float] = time.monotonic, *,
+                 model_layers: Sequence[int] | None = None):
         self.layers = list(layers)
         layer_ids = [info.layer for info in self.layers]
+        self.model_layers = sorted(set(model_layers if model_layers is not None else layer_ids))
         num_experts = self.layers[0].num_experts
         top_k = self.layers[0].top_k
         self.table = SteeringTable(layer_ids, num_experts, max_tokens, max_slots, device,
-                                   top_k=top_k)
+                                   top_k=top_k, model_layers=self.model_layers)
         self.recorder = RoutingRecorder(layer_ids, top_k, max_tokens, device, clock=clock)
         self._capture_ids: dict[str, str | None] = {}
         self._capture_owner: dict[str, str] = {}
@@ -249,8 +256,9 @@ class EngineSteering:
             steering_ops.FLAGS.recording = False
 
     def describe(self) -> dict[str, Any]:
+        """What steering is checked against: the model's MoE layers, experts, top-k."""
         return {
-            "moe_layers": [info.layer for info in self.layers],
+            "moe_layers": list(self.model_layers),
             "num_experts": self.layers[0].num_experts,
             "top_k": self.layers[0].top_k,
             "routers": sorted({info.router for info in self.layers}),

@@ -222,7 +222,9 @@ def _kernel() -> Any:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # num_tokens changes every step: not specialising on it keeps one compiled variant per
+    # BLOCK_T, so a variant warmed in an eager step is the one a CUDA-graph capture reuses.
+    @triton.jit(do_not_specialize=["num_tokens"])
     def _fused_steered_topk_kernel(
         logits_ptr,
         weights_ptr,
@@ -346,6 +348,22 @@ def _kernel() -> Any:
             tl.store(record_ptr + rows[:, None] * stride_rec + slots, top_i, mask=out_mask)
 
     return _fused_steered_topk_kernel
+
+
+def triton_variant(
+    router_logits: torch.Tensor, top_k: int, *, grouped: bool, with_record: bool,
+    indices_type: torch.dtype | None = None,
+) -> tuple[Any, ...]:
+    """What decides which compiled kernel a `steered_topk_triton` call launches, apart from
+    the per-layer constants (experts, top-k, grouping, mask table): dtype, tile height, record,
+    index dtype and the logits' strides and alignment. Callers that must not compile inside a
+    CUDA-graph capture remember the variants they have launched outside one."""
+    block_t, block_e, num_warps = _launch_shape(router_logits.shape[0], router_logits.shape[1])
+    return (
+        router_logits.dtype, block_t, block_e, num_warps, top_k, grouped, with_record,
+        indices_type or torch.int32, tuple(router_logits.stride()),
+        router_logits.data_ptr() % 16 == 0,
+    )
 
 
 def _launch_shape(num_tokens: int, num_cols: int) -> tuple[int, int, int]:

@@ -275,6 +275,16 @@ class RoutingRecorder:
         return out
 
 
+def take_answer(recorder: RoutingRecorder | None,
+                capture_ids: Sequence[str]) -> dict[str, Any]:
+    """One worker's answer to `fetch_routing`: the MoE layers it holds and its records.
+
+    A worker without MoE layers (a pipeline stage of dense layers only) answers with none."""
+    if recorder is None:
+        return {"held_layers": [], "records": {}}
+    return {"held_layers": list(recorder.moe_layers), "records": recorder.take(capture_ids)}
+
+
 def fetch_routing(engine: Any, request_ids: Sequence[str]) -> dict[str, RoutingRecord]:
     """Take the routing records of finished requests from an `LLM` (or `LLMEngine`).
 
@@ -287,8 +297,12 @@ def fetch_routing(engine: Any, request_ids: Sequence[str]) -> dict[str, RoutingR
 async def fetch_routing_async(engine_client: Any, request_ids: Sequence[str]) -> dict[
     str, RoutingRecord
 ]:
-    """`fetch_routing` for an `AsyncLLM` engine client (the OpenAI server's engine)."""
-    results = await engine_client.collective_rpc(TAKE_METHOD, args=(list(request_ids),))
+    """`fetch_routing` for an `AsyncLLM` engine client (the OpenAI server's engine); asks every
+    data-parallel engine, since a request may have run on any."""
+    from vllm_patches.vllm_compat import collective_rpc_every_engine
+
+    results = await collective_rpc_every_engine(engine_client, TAKE_METHOD,
+                                                (list(request_ids),))
     return _merge(results)
 
 
@@ -299,14 +313,56 @@ def discard_routing(engine: Any, request_ids: Sequence[str]) -> None:
 
 async def discard_routing_async(engine_client: Any, request_ids: Sequence[str]) -> None:
     """`discard_routing` for an `AsyncLLM` engine client (a failed or abandoned request)."""
-    await engine_client.collective_rpc(DISCARD_METHOD, args=(list(request_ids),))
+    from vllm_patches.vllm_compat import collective_rpc_every_engine
+
+    await collective_rpc_every_engine(engine_client, DISCARD_METHOD, (list(request_ids),))
 
 
-def _merge(results: Sequence[dict[str, dict[str, Any]]]) -> dict[str, RoutingRecord]:
-    """One record per request from every worker's answer (tensor-parallel ranks hold the same
-    record; data-parallel engines each hold their own requests')."""
-    merged: dict[str, RoutingRecord] = {}
+def _answer_parts(answer: Any) -> tuple[list[int], dict[str, Any]]:
+    """(held layers, records) of one worker's answer: `take_answer`'s form, or a bare mapping
+    of capture id to record (held layers then unknown: those of its records)."""
+    if not answer:
+        return [], {}
+    if isinstance(answer.get("held_layers"), list) and isinstance(answer.get("records"), dict):
+        return [int(layer) for layer in answer["held_layers"]], answer["records"]
+    return [], answer
+
+
+def _merge(results: Sequence[Any]) -> dict[str, RoutingRecord]:
+    """One record per request from every worker's answer, merged by MoE layer.
+
+    Pipeline stages each hold their own layers' columns of a request (the same positions);
+    tensor-parallel ranks hold the same columns (the first copy is kept; a copy that differs is
+    logged); data-parallel engines each hold their own requests'. A request is returned only
+    with every MoE layer any worker holds: a stage that dropped its part (limits, TTL) drops
+    the request, so no partial record is ever returned.
+    """
+    expected: set[int] = set()
+    columns: dict[str, dict[int, np.ndarray]] = {}
     for answer in results:
-        for key, value in (answer or {}).items():
-            merged.setdefault(key, RoutingRecord.from_wire(value))
+        held, records = _answer_parts(answer)
+        expected.update(held)
+        for key, value in records.items():
+            record = RoutingRecord.from_wire(value)
+            parts = columns.setdefault(key, {})
+            for j, layer in enumerate(record.moe_layers):
+                layer = int(layer)
+                column = record.expert_ids[:, j]
+                expected.add(layer)
+                if layer not in parts:
+                    parts[layer] = column
+                elif not np.array_equal(parts[layer], column):
+                    logger.warning("steermoe: ranks disagree on the routing of '%s' in layer %d; "
+                                   "the first rank's is returned", clip(key), layer)
+    merged: dict[str, RoutingRecord] = {}
+    for key, parts in columns.items():
+        layers = sorted(parts)
+        lengths = {parts[layer].shape[0] for layer in layers}
+        if set(layers) != expected or len(lengths) != 1:
+            logger.warning("steermoe: the routing record of '%s' is incomplete on some rank "
+                           "(layers %s of %s); dropped", clip(key), layers, sorted(expected))
+            continue
+        ids = np.stack([parts[layer] for layer in layers], axis=1)
+        merged[key] = RoutingRecord(expert_ids=np.ascontiguousarray(ids, dtype=np.int32),
+                                    moe_layers=layers)
     return merged

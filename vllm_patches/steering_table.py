@@ -10,6 +10,10 @@ Assumption the reader must know: the table holds at most `max_slots - 1` distinc
 once; `max_slots` is sized from the engine's max number of running requests, so every request
 in a batch always finds a slot. Per-request state lives until `forget` (vLLM's request
 lifecycle, driven by `vllm_compat`). No vLLM import here.
+
+Under pipeline parallelism a table holds only the MoE layers of its stage (`moe_layers`) but
+checks steering against every MoE layer of the model (`model_layers`): a steering that names a
+layer of another stage is valid here, and this stage writes only its own layers.
 """
 
 from __future__ import annotations
@@ -62,9 +66,13 @@ def applicable_problem(steering: ResolvedSteering, moe_layers: Sequence[int], nu
                        top_k: int) -> str | None:
     """Why `steering` cannot be applied by an engine with these MoE layers; None if it can.
 
+    `moe_layers` are the MoE layers of the whole model (every pipeline stage's), as decoder-layer
+    indices: the front end and every worker pass the same list, so what passes in the front
+    end passes in each stage, which then writes the layers it holds.
+
     Pure and never raises, so the front end can refuse a request before admitting it, and the
     worker checks again before writing a slot (a last line of defence: there a failing request
-    runs unsteered). Conditions: every layer is a MoE layer held here, experts are ints in
+    runs unsteered). Conditions: every layer is a MoE layer of the model, experts are ints in
     [0, num_experts), at most top_k experts activated and at least top_k left not deactivated
     per layer, no expert both activated and deactivated, eps finite in (0, MAX_EPS].
     """
@@ -109,7 +117,11 @@ class StepPlan:
 
 
 class SteeringTable:
-    """Masks [moe_layers, slots, experts] int8, eps [slots] and token_profiles [max_tokens]."""
+    """Masks [moe_layers, slots, experts] int8, eps [slots] and token_profiles [max_tokens].
+
+    `moe_layers`: the MoE layers this worker holds (its pipeline stage's); `model_layers`: every
+    MoE layer of the model (default: `moe_layers`), against which steering is checked.
+    """
 
     def __init__(
         self,
@@ -120,8 +132,13 @@ class SteeringTable:
         device: torch.device,
         *,
         top_k: int,
+        model_layers: Sequence[int] | None = None,
     ):
         self.moe_layers = list(moe_layers)
+        self.model_layers = sorted(set(model_layers if model_layers is not None else moe_layers))
+        missing = sorted(set(self.moe_layers) - set(self.model_layers))
+        if missing:
+            raise ValueError(f"held MoE layers {missing} are not among the model's MoE layers")
         self.layer_index = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.num_experts = num_experts
         self.top_k = top_k
@@ -141,8 +158,8 @@ class SteeringTable:
         self.steering_active = False
 
     def problem(self, steering: ResolvedSteering) -> str | None:
-        """`applicable_problem` for this engine."""
-        return applicable_problem(steering, self.moe_layers, self.num_experts, self.top_k)
+        """`applicable_problem` for this engine (checked against the model's MoE layers)."""
+        return applicable_problem(steering, self.model_layers, self.num_experts, self.top_k)
 
     # ---- slots -------------------------------------------------------------------------
 
@@ -150,7 +167,9 @@ class SteeringTable:
         mask = torch.zeros((len(self.moe_layers), self.num_experts), dtype=torch.int8)
         for value, sets in ((1, steering.activate), (-1, steering.deactivate)):
             for layer, experts in sets.items():
-                mask[self.layer_index[layer], [int(e) for e in experts]] = value
+                row = self.layer_index.get(layer)
+                if row is not None:  # a layer of another pipeline stage: written there
+                    mask[row, [int(e) for e in experts]] = value
         self.masks[:, slot].copy_(mask.to(self.device))
         self.eps[slot] = float(steering.eps)
 

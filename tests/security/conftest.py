@@ -3,9 +3,10 @@
 The tiny Mixtral checkpoint (4 MoE layers, 8 experts, top-2) served as `tiny-base` (unlocked)
 and `tiny-safe` (locked to profile `safety`), with an API key, routing capture on, inline
 steering off, a 64 KiB body limit, an audit log, the admin token from a file (when
-`steermoe serve` has `--admin-token-file`) or from STEERMOE_ADMIN_TOKEN, and vLLM's request-id
-randomisation switched off. Next to the good profiles the directory holds hostile files: a
-FIFO, a symlink to /dev/zero, a 2 MiB file, a broken file and a profile with empty sets.
+`steermoe serve` has `--admin-token-file`) or from STEERMOE_ADMIN_TOKEN, vLLM's request-id
+randomisation switched off and vLLM's Responses store on. Next to the good profiles the
+directory holds hostile files: a FIFO, a symlink to /dev/zero, a 2 MiB file, a broken file and
+a profile with empty sets.
 
 A watchdog thread guards the machine and the rest of the suite: when /health stops answering
 for STUCK_AFTER_S (a reader blocked on the FIFO stalls the whole server) it opens the FIFO for
@@ -191,7 +192,8 @@ def security_server(build_tiny, tmp_path_factory) -> Iterator[SecurityServer]:
             "--endpoint", f"{h.LOCKED}=safety", "--allow-routing-capture",
             "--api-key", h.API_KEY, "--max-request-bytes", str(h.MAX_BODY),
             "--audit-log", str(audit_log)]
-    env: dict[str, str] = {}
+    # vLLM's Responses store, so that continuations (`previous_response_id`) can be attacked.
+    env: dict[str, str] = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
     if "--admin-token-file" in serve_help():
         token_file = root / "admin-token"
         token_file.write_text(h.ADMIN_TOKEN + "\n", encoding="utf-8")

@@ -24,6 +24,12 @@ LOCKED = "tiny-safe"  # --endpoint tiny-safe=safety
 STEERING_HEADER = "x-steermoe-steering"
 MAX_BODY = 64 * 1024
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+# The other steerable APIs (issue 15): the same rules, each with its own error shape.
+OTHER_STEERABLE_PATHS = ("/v1/responses", "/v1/messages", "/v1/chat/completions/batch",
+                         "/invocations")
+STEERABLE_PATHS = (*COMPLETION_PATHS, *OTHER_STEERABLE_PATHS)
+# Errors in Anthropic's shape: {"type": "error", "error": {"type", "message"}}.
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 
 LAYERS = range(4)  # the tiny Mixtral: 4 MoE layers, 8 experts, top-2
 SAFETY = ({layer: [5] for layer in LAYERS}, {layer: [0, 1] for layer in LAYERS})
@@ -64,9 +70,18 @@ def completion_body(model: str = BASE, prompt: str = PROMPT, max_tokens: int = 2
 
 
 def body_for(path: str, model: str = BASE, **extra: Any) -> dict[str, Any]:
-    """A valid body for one of the two completion APIs."""
-    if path == "/v1/chat/completions":
+    """A valid body for one of the steerable APIs (one sequence, so routing can be captured)."""
+    if path in ("/v1/chat/completions", "/invocations"):
         return chat_body(model, **extra)
+    if path == "/v1/responses":
+        return {"model": model, "input": PROMPT, "max_output_tokens": 2, "temperature": 0,
+                **extra}
+    if path == "/v1/messages":
+        return {"model": model, "messages": [{"role": "user", "content": PROMPT}],
+                "max_tokens": 2, **extra}
+    if path == "/v1/chat/completions/batch":
+        return {"model": model, "messages": [[{"role": "user", "content": PROMPT}]],
+                "max_tokens": 2, "temperature": 0, **extra}
     return completion_body(model, **extra)
 
 
@@ -125,6 +140,33 @@ def assert_openai_error(response: httpx.Response, status: int | Collection[int],
     error = _check_error_payload(response.status_code, payload, response.text)
     assert_clean(response.text, *also)
     return error
+
+
+def assert_anthropic_error(response: httpx.Response, status: int | Collection[int],
+                           *also: str) -> dict[str, Any]:
+    """`response` has one of `status` and an Anthropic-shaped, leak-free error body."""
+    statuses = (status,) if isinstance(status, int) else tuple(status)
+    assert response.status_code in statuses, (
+        f"expected HTTP {' or '.join(map(str, statuses))}, got {response.status_code}: "
+        f"{response.text[:500]!r}"
+    )
+    payload = response.json()
+    assert isinstance(payload, dict) and set(payload) == {"type", "error"} \
+        and payload["type"] == "error", f"not the Anthropic error shape: {response.text[:400]!r}"
+    error = payload["error"]
+    assert isinstance(error, dict) and set(error) == {"type", "message"}, error
+    assert isinstance(error["message"], str) and 0 < len(error["message"]) <= MAX_MESSAGE
+    assert isinstance(error["type"], str) and error["type"], error
+    assert_clean(response.text, *also)
+    return error
+
+
+def assert_api_error(path: str, response: httpx.Response, status: int | Collection[int],
+                     *also: str) -> dict[str, Any]:
+    """The error shape of the API at `path`: Anthropic's on /v1/messages, OpenAI's elsewhere."""
+    if path in ANTHROPIC_PATHS:
+        return assert_anthropic_error(response, status, *also)
+    return assert_openai_error(response, status, *also)
 
 
 def steering_of(response: httpx.Response) -> str | None:

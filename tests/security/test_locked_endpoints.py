@@ -3,8 +3,9 @@
 `tiny-safe` on the two completion APIs always runs `safety` (captured routing: the activated
 experts in every computed row, the deactivated ones never), answers with `model: tiny-safe`
 (also in every streamed chunk) and the header `x-steermoe-steering: profile=safety; ...`.
-Any attempt to change its steering is 403; the name on any other route is 403 or 404; a name
-that merely looks like it is 404 (vLLM's unknown model), never an unsteered 200.
+Any attempt to change its steering is 403; the name on a route that does not steer is 403 or
+404 (tokenizer routes count on the base model); a name that merely looks like it is 404 (vLLM's
+unknown model), never an unsteered 200. The other steerable APIs: test_other_apis.py.
 """
 
 from __future__ import annotations
@@ -85,14 +86,13 @@ def test_locked_endpoint_refuses_any_other_steering(http, path, override):
 
 
 CHAT = [{"role": "user", "content": "hi"}]
+# Routes that generate without steering, or render: the locked name is refused (403) or
+# unknown (404). The steerable APIs (Responses, Messages, chat batches, /invocations) run it
+# with its profile: test_other_apis.py. /tokenize, /detokenize and /v1/messages/count_tokens
+# count on the base model (test_locked_name_on_tokenizer_routes).
 OTHER_ROUTES = {
-    "/v1/responses": {"input": "hi", "max_output_tokens": 2},
-    "/v1/messages": {"messages": CHAT, "max_tokens": 2},
-    "/v1/messages/count_tokens": {"messages": CHAT},
     "/v1/embeddings": {"input": "hi"},
     "/pooling": {"input": "hi"},
-    "/v1/chat/completions/batch": {"messages": [CHAT], "max_tokens": 2},
-    "/invocations": {"messages": CHAT, "max_tokens": 2},
     "/inference/v1/generate": {"token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 2}},
     "/generative_scoring": {"query": "hi", "items": ["a"]},
     "/v1/chat/completions/render": {"messages": CHAT},
@@ -109,6 +109,20 @@ def test_locked_name_on_other_routes_never_generates(http, route):
     if response.status_code == 403:
         h.assert_openai_error(response, 403)
     h.assert_clean(response.text)
+    h.assert_still_serving(http)
+
+
+@pytest.mark.parametrize(("route", "body"), [
+    ("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]}),
+    ("/v1/messages/count_tokens", {"messages": CHAT}),
+])
+def test_locked_name_on_tokenizer_routes(http, route, body):
+    """Nothing is generated there: the locked name counts on the base model."""
+    response = http.post(route, json={"model": h.LOCKED, **body}, headers=h.auth())
+    assert response.status_code == 200, response.text[:300]
+    steered = http.post(route, json={"model": h.LOCKED, "steering_profile": "concise", **body},
+                        headers=h.auth())
+    h.assert_api_error(route, steered, 400)
     h.assert_still_serving(http)
 
 

@@ -64,20 +64,17 @@ def test_non_object_vllm_xargs_on_the_locked_endpoint_is_refused(http, path, xar
 # ---- steering keys on the other routes ------------------------------------------------------
 
 CHAT = [{"role": "user", "content": "hi"}]
+# Routes that do not steer (the steerable APIs: test_other_apis.py).
 OTHER_ROUTES = {
-    "/v1/responses": {"model": h.BASE, "input": "hi", "max_output_tokens": 2},
     "/v1/responses/render": {"model": h.BASE, "input": "hi"},
-    "/v1/messages": {"model": h.BASE, "messages": CHAT, "max_tokens": 2},
     "/v1/messages/count_tokens": {"model": h.BASE, "messages": CHAT},
     "/v1/messages/render": {"model": h.BASE, "messages": CHAT, "max_tokens": 2},
     "/tokenize": {"model": h.BASE, "prompt": "hi"},
     "/detokenize": {"model": h.BASE, "tokens": [1, 2]},
     "/v1/embeddings": {"model": h.BASE, "input": "hi"},
     "/pooling": {"model": h.BASE, "input": "hi"},
-    "/v1/chat/completions/batch": {"model": h.BASE, "messages": [CHAT], "max_tokens": 2},
     "/v1/chat/completions/render": {"model": h.BASE, "messages": CHAT},
     "/v1/completions/render": {"model": h.BASE, "prompt": "hi"},
-    "/invocations": {"model": h.BASE, "messages": CHAT, "max_tokens": 2},
     "/generative_scoring": {"model": h.BASE, "query": "hi", "items": ["a"]},
     "/inference/v1/generate": {"model": h.BASE, "token_ids": [1, 2, 3],
                                "sampling_params": {"max_tokens": 2}},
@@ -112,7 +109,7 @@ def test_steering_keys_on_other_routes_are_refused(http, route, key):
     for where in places:
         body = placed(OTHER_ROUTES[route], where, key, STEERING_KEYS[key])
         response = http.post(route, json=body, headers=h.auth())
-        error = h.assert_openai_error(response, 400)
+        error = h.assert_api_error(route, response, 400)
         assert error["type"] == "BadRequestError", (where, error)
     h.assert_still_serving(http)
 
@@ -215,16 +212,19 @@ def test_json_media_type_variants_are_served_and_steered(http, path, media_type)
 
 @pytest.mark.parametrize("media_type", ["text/plain", "application/x-www-form-urlencoded", None])
 @pytest.mark.parametrize("route", ["/v1/responses", "/v1/messages", "/tokenize", "/invocations",
-                                   "/v1/chat/completions/batch", "/inference/v1/generate"])
+                                   "/v1/chat/completions/batch", "/inference/v1/generate",
+                                   "/v1/messages/count_tokens"])
 def test_other_routes_refuse_non_json_bodies(http, route, media_type):
     """docs/security.md: on other POST routes a non-empty body must be JSON (415), so steering
-    cannot travel in a body the steering layer does not read."""
-    body = placed(OTHER_ROUTES[route], "vllm_xargs", "steering_profile", "unsafe")
+    cannot travel in a body the steering layer does not read (the steerable APIs included, in
+    their own error shape)."""
+    base = OTHER_ROUTES.get(route) or h.body_for(route)
+    body = placed(base, "vllm_xargs", "steering_profile", "unsafe")
     headers = [("authorization", AUTH_VALUE)]
     if media_type is not None:
         headers.append(("content-type", media_type))
     response = http.post(route, content=json.dumps(body).encode(), headers=headers)
-    h.assert_openai_error(response, 415)
+    h.assert_api_error(route, response, 415)
     h.assert_still_serving(http)
 
 

@@ -30,6 +30,15 @@ ENGINE_OPTIONS = (
 START_TIMEOUT_S = 420
 
 
+def cuda_options() -> tuple[str, ...]:
+    """On a CUDA machine (the GPU kit's vLLM has no flash-attention): Triton attention."""
+    try:
+        import torch
+    except ImportError:
+        return ()
+    return ("--attention-backend", "TRITON_ATTN") if torch.cuda.is_available() else ()
+
+
 @dataclass
 class RunningServer:
     base_url: str
@@ -75,7 +84,7 @@ def steermoe_server(model: Path, args: Sequence[str], log_path: Path,
     """`steermoe serve MODEL ARGS` on a free port; yields once /health answers 200."""
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "serve", str(model), *ENGINE_OPTIONS,
-               "--host", "127.0.0.1", "--port", str(port), *args]
+               *cuda_options(), "--host", "127.0.0.1", "--port", str(port), *args]
     full_env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", **(env or {})}
     for key in ("STEERMOE_SERVER_CONFIG", "VLLM_API_KEY"):
         full_env.pop(key, None)

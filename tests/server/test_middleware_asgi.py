@@ -223,18 +223,23 @@ def test_streaming_passes_through_with_the_header(profiles):
         "model": "m-safe", "prompt": "hi", "stream": True})
     assert response.headers["x-steermoe-steering"].startswith("profile=safety; endpoint=m-safe")
     assert response.text.endswith("data: [DONE]\n\n")
-    assert app.context.metrics.generated_tokens.labels("m-safe", "safety")._value.get() >= 3
+    tokens = app.context.metrics.generated_tokens.labels("/v1/completions", "m-safe", "safety")
+    assert tokens._value.get() >= 3
 
 
 def test_other_paths_are_policed(profiles):
     app, inner = make_app(profiles)
-    steering = request(app, "POST", "/v1/responses", json={"model": "m", "input": "x",
-                                                           "steering_profile": "safety"})
+    steering = request(app, "POST", "/v1/embeddings", json={"model": "m", "input": "x",
+                                                            "steering_profile": "safety"})
     assert steering.status_code == 400
     forged = request(app, "POST", "/inference/v1/generate", json={
         "sampling_params": {"extra_args": {"steermoe": {"activate": {}}}}})
     assert forged.status_code == 400
-    locked = request(app, "POST", "/v1/chat/completions/batch", json={"model": "m-safe"})
+    assert "cannot be steered" in forged.json()["error"]["message"]
+    generate = request(app, "POST", "/inference/v1/generate", json={
+        "token_ids": [1], "sampling_params": {"extra_args": {"steering_profile": "safety"}}})
+    assert generate.status_code == 400
+    locked = request(app, "POST", "/v1/embeddings", json={"model": "m-safe", "input": "x"})
     assert locked.status_code == 403
     assert inner.seen == []
     assert request(app, "POST", "/tokenize", json={"model": "m-safe", "prompt": "x"}).is_success

@@ -204,10 +204,17 @@ def test_locked_endpoint_refuses_other_steering(client, extra):
     assert "always runs steering profile 'safety'" in caught.value.body["message"]
 
 
-def test_locked_endpoint_is_refused_on_other_apis(http):
-    response = http.post("/v1/responses", json={"model": "qwen-safe", "input": "hi"})
-    assert response.status_code == 403
-    assert response.json()["error"]["type"] == "PermissionDeniedError"
+def test_locked_endpoint_on_other_apis(http):
+    """The steerable APIs run it with its profile (tests/server/test_server_apis.py); routes
+    that generate without steering refuse it."""
+    response = http.post("/v1/responses", json={"model": "qwen-safe", "input": "hi",
+                                                "max_output_tokens": 2})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-steermoe-steering"].startswith("profile=safety;")
+    assert response.json()["model"] == "qwen-safe"
+    refused = http.post("/v1/embeddings", json={"model": "qwen-safe", "input": "hi"})
+    assert refused.status_code == 403
+    assert refused.json()["error"]["type"] == "PermissionDeniedError"
 
 
 # ---- errors -------------------------------------------------------------------------------

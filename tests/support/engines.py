@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,41 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "max_logprobs": -1,
     "seed": 0,
 }
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _config(model: str | Path) -> dict[str, Any]:
+    path = Path(model) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def needs_eager_on_cuda(model: str | Path) -> bool:
+    """Correction-bias routers (DeepSeek-V3 family): steermoe steers them exactly only without
+    CUDA graphs, and refuses steering in an engine with graphs (README, ROUTERS.md)."""
+    return _config(model).get("topk_method") == "noaux_tc"
+
+
+def attention_backend(model: str | Path) -> str:
+    """The GPU kit's vLLM has no flash-attention: Triton attention (Triton MLA for MLA)."""
+    return "TRITON_MLA" if "kv_lora_rank" in _config(model) else "TRITON_ATTN"
+
+
+def cuda_overrides(model: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Engine settings on a CUDA machine: the kit's attention backend, and CUDA graphs with
+    torch.compile (the path that serves) even where a test asks for eager mode to start
+    faster on the CPU, except for models steermoe steers only in eager mode on GPUs."""
+    out = dict(overrides)
+    out.setdefault("attention_backend", attention_backend(model))
+    out["enforce_eager"] = needs_eager_on_cuda(model)
+    return out
 
 
 @contextlib.contextmanager
@@ -46,6 +83,8 @@ def running_llm(model: str | Path, profile_dir: str | Path | None = None,
     from vllm import LLM
 
     kwargs = {**ENGINE_DEFAULTS, **overrides}
+    if cuda_available():
+        kwargs = cuda_overrides(model, kwargs)
     with env(STEERMOE_PROFILE_DIR=str(profile_dir) if profile_dir else None):
         llm = LLM(model=str(model), **kwargs)
         try:

