@@ -19,6 +19,11 @@ records nothing more, so no partial record is ever returned; a new request with 
 capture id starts a fresh record (`RoutingRecorder.forget`).
 
 Recording costs a copy of the top-k ids per layer, and only on steps where a request asks.
+
+Each worker records the MoE layers it holds and answers with them (`take_answer`); the fetch
+asks every worker of every engine and merges the answers by layer into one record per request
+(`_merge`): pipeline stages hold different layers, tensor-parallel ranks the same ones,
+data-parallel engines different requests.
 """
 
 from __future__ import annotations

