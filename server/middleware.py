@@ -73,6 +73,12 @@ logger = logging.getLogger("steermoe.server")
 
 STEERING_HEADER = "x-steermoe-steering"
 JSON_TYPE = "application/json"
+
+
+def require_json(headers: dict[str, str]) -> None:
+    """415 unless the body is declared `application/json` (vLLM's own rule on JSON routes)."""
+    if media_type(headers) != JSON_TYPE:
+        raise SteeringHTTPError(415, f"Unsupported Media Type: only {JSON_TYPE!r} is accepted")
 RESPONSES_PREFIX = f"{compat.RESPONSES_PATH}/"
 CANCEL_SUFFIX = "/cancel"
 
@@ -179,9 +185,7 @@ class SteeringMiddleware:
         kind = compat.STEERABLE_PATHS[path]
         config = self.context.config
         try:
-            if media_type(headers) != JSON_TYPE:
-                raise SteeringHTTPError(415, f"Unsupported Media Type: only {JSON_TYPE!r} is "
-                                        "accepted")
+            require_json(headers)
             raw = await read_body(receive, config.max_request_bytes,
                                   headers.get("content-length"))
             body = parse_json_object(raw)
@@ -280,9 +284,7 @@ class SteeringMiddleware:
             if not raw:
                 await self.app(scope, replay(raw, receive), send)
                 return
-            if media_type(headers) != JSON_TYPE:
-                raise SteeringHTTPError(415, f"Unsupported Media Type: only {JSON_TYPE!r} is "
-                                        "accepted")
+            require_json(headers)
             body = parse_json_object(raw)
             body = self._checked_other_body(path, body)
         except ClientDisconnected:

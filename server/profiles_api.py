@@ -42,6 +42,7 @@ from expert_profiles.store import ProfileNotFoundError
 from server.context import SteeringContext
 from server.errors import SteeringHTTPError, clip
 from server.metrics import ADMIN_OPERATIONS
+from server.request_body import too_deep
 from vllm_patches.request_steering import SteeringRequestError
 
 logger = logging.getLogger("steermoe.server")
@@ -127,7 +128,7 @@ def parse_json_body(body: bytes) -> Any:
         logger.debug("steermoe: PUT body refused: %s", exc)
         reason = "a number has too many digits" if "digits" in str(exc) else clip(str(exc))
         raise _not_json(reason) from None
-    if _depth_exceeds(data, MAX_BODY_DEPTH):
+    if too_deep(data, MAX_BODY_DEPTH):
         raise SteeringHTTPError(
             400, f"the request body nests more than {MAX_BODY_DEPTH} levels deep"
         )
@@ -136,22 +137,6 @@ def parse_json_body(body: bytes) -> Any:
 
 def _not_json(reason: str) -> SteeringHTTPError:
     return SteeringHTTPError(400, f"the request body is not valid JSON: {reason}")
-
-
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            children: list[Any] = list(item.values())
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if level > limit:
-            return True
-        stack.extend((child, level + 1) for child in children)
-    return False
 
 
 class ProfilesAPI:

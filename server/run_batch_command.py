@@ -39,14 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from server import vllm_server_compat as compat
-from server.config import ConfigError, ServerConfig, parse_client_profiles, parse_endpoints
+from server.config import ConfigError, ServerConfig
 from server.context import SteeringContext
 from server.errors import SteeringHTTPError, error_payload
 from server.request_body import parse_json_object
 from server.request_record import RUN_BATCH_PATH, CompletionTrace, record_completion
 from server.response_editor import token_counts
 from server.routing_field import routing_field
-from server.serve_command import build_parser, check_profiles, split_model
+from server.serve_command import build_parser, split_model, steering_config
 from server.steering_plan import SteeringPlan, check_other_body, plan_request, steering_field
 from vllm_patches.request_steering import PROFILE_DIR_ENV, SERVER_KEY_ENV
 
@@ -246,24 +246,7 @@ def prepare(argv: Sequence[str], runner: compat.BatchRunner | None = None
     model = model or args.model_option
     if not model:
         raise ConfigError(f"give the model to run: {USAGE}")
-    profiles_dir = None
-    given_dir = args.profiles or os.environ.get(PROFILE_DIR_ENV)
-    if given_dir:
-        directory = Path(given_dir).expanduser().resolve()
-        if not directory.is_dir():
-            raise ConfigError(f"--profiles {given_dir}: not a directory")
-        profiles_dir = str(directory)
-    config = ServerConfig(
-        profiles_dir=profiles_dir,
-        endpoints=parse_endpoints(args.endpoint),
-        base_names=tuple(args.served_model_name or [model]),
-        client_profiles=parse_client_profiles(args.client_profiles),
-        allow_inline_steering=args.allow_inline_steering,
-        allow_routing_capture=args.allow_routing_capture,
-        max_request_bytes=args.max_request_bytes,
-        audit_log=str(Path(args.audit_log).resolve()) if args.audit_log else None,
-    )
-    check_profiles(config, model)
+    config = steering_config(args, model)
     compat.check_serving_setup(vllm_args)
     vllm_argv = ["--model", model, *vllm_args, "--served-model-name", *config.base_names]
     return config, vllm_argv

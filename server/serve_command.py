@@ -156,19 +156,9 @@ def check_profiles(config: ServerConfig, model: str) -> None:
                 logger.warning("steermoe: %s", exc)
 
 
-def prepare(argv: Sequence[str]) -> tuple[ServerConfig, list[str], str | None]:
-    """(config, `vllm serve` argv, admin token or None) for `steermoe serve` arguments.
-
-    ConfigError for `--admin-token` (a token on the command line) and for an unusable
-    `--admin-token-file`."""
-    model, rest = split_model(argv)
-    args, vllm_args = build_parser().parse_known_args(rest)
-    if args.refused_admin_token is not None:
-        raise ConfigError(REFUSED_TOKEN_OPTION)
-    admin_token = admin_token_source(args.admin_token_file)
-    model = model or args.model_option
-    if not model:
-        raise ConfigError("give the model to serve: steermoe serve MODEL ...")
+def steering_config(args: argparse.Namespace, model: str) -> ServerConfig:
+    """The checked steering config from parsed steering options (`steermoe serve` and
+    `steermoe run-batch` share them)."""
     profiles_dir = None
     given_dir = args.profiles or os.environ.get(PROFILE_DIR_ENV)
     if given_dir:
@@ -187,6 +177,23 @@ def prepare(argv: Sequence[str]) -> tuple[ServerConfig, list[str], str | None]:
         audit_log=str(Path(args.audit_log).resolve()) if args.audit_log else None,
     )
     check_profiles(config, model)
+    return config
+
+
+def prepare(argv: Sequence[str]) -> tuple[ServerConfig, list[str], str | None]:
+    """(config, `vllm serve` argv, admin token or None) for `steermoe serve` arguments.
+
+    ConfigError for `--admin-token` (a token on the command line) and for an unusable
+    `--admin-token-file`."""
+    model, rest = split_model(argv)
+    args, vllm_args = build_parser().parse_known_args(rest)
+    if args.refused_admin_token is not None:
+        raise ConfigError(REFUSED_TOKEN_OPTION)
+    admin_token = admin_token_source(args.admin_token_file)
+    model = model or args.model_option
+    if not model:
+        raise ConfigError("give the model to serve: steermoe serve MODEL ...")
+    config = steering_config(args, model)
     compat.check_serving_setup(vllm_args)
     vllm_argv = compat.vllm_serve_argv(model, vllm_args, config.base_names, args.middleware)
     return config, vllm_argv, admin_token
