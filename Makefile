@@ -14,6 +14,7 @@ setup:
 
 lint: setup
 	$(PYTHON) -m ruff check .
+	lint-imports
 
 test: lint
 	$(PYTHON) -m pytest tests -q

@@ -281,7 +281,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def build_spec(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Build the checkpoint and write everything a worker needs."""
-    from vllm_patches.checkpoint_factory import build_checkpoint, checkpoint_config, model_shape
+    from profile_tools.checkpoint_factory import build_checkpoint, checkpoint_config, model_shape
 
     checkpoint = Path(args.checkpoint_dir or workdir / f"{args.family}-{args.size}")
     build_checkpoint(args.family, checkpoint, size=args.size, dtype=args.dtype)
@@ -315,7 +315,7 @@ def export_for_serving(args: argparse.Namespace, out: Path) -> None:
     A "real" config gets the factory tokenizer's vocabulary and special-token ids (those of the
     tiny config), so that every generated id detokenizes; the MoE layers are unchanged.
     """
-    from vllm_patches.checkpoint_factory import (
+    from profile_tools.checkpoint_factory import (
         build_checkpoint,
         checkpoint_config,
         model_shape,

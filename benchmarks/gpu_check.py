@@ -347,7 +347,7 @@ class Plan:
         reference (these after the first wave of every family, so the fused engine finds the
         graph engine's compiled model in vLLM's compile cache); CPU: plugin and stock engines,
         eager, with the rates measured in the same engines."""
-        from vllm_patches.checkpoint_factory import build_checkpoint, model_shape
+        from profile_tools.checkpoint_factory import build_checkpoint, model_shape
 
         first, then = [], []
         cuda = self.device == "cuda"
@@ -424,7 +424,7 @@ class Plan:
     # -- ratios
 
     def ratio_jobs(self, key: str) -> list[Job]:
-        from vllm_patches.checkpoint_factory import build_checkpoint, model_shape
+        from profile_tools.checkpoint_factory import build_checkpoint, model_shape
 
         spec_shape = SHAPES[key]
         family = spec_shape["family"]

@@ -893,7 +893,7 @@ async def _soak(args: argparse.Namespace, url: str, profiles: Path,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vllm_patches.checkpoint_factory import model_shape
+    from profile_tools.checkpoint_factory import model_shape
 
     if args.url is not None:
         profiles = Path(args.profiles)
@@ -906,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             checkpoint = Path(args.checkpoint).resolve()
         else:
-            from vllm_patches.checkpoint_factory import build_checkpoint
+            from profile_tools.checkpoint_factory import build_checkpoint
 
             checkpoint = build_checkpoint("qwen3_moe", work / "qwen3_moe", size="tiny",
                                           dtype="float32")

@@ -2,9 +2,9 @@
 
     steermoe serve MODEL ...   the OpenAI-compatible steering server (server.serve_command)
     steermoe run-batch ...     vLLM's batch runner, steered per line (server.run_batch_command)
-    steermoe profile ...       manage, detect and import steering profiles (expert_profiles.cli)
-    steermoe demo ...          the demo model with planted behaviours (expert_profiles.demo)
-    steermoe eval ...          behaviour rates per steering setting (expert_profiles.evaluation)
+    steermoe profile ...       profiles: manage, detect, import (profile_tools.profile_cli)
+    steermoe demo ...          the demo model with planted behaviours (profile_tools.demo)
+    steermoe eval ...          behaviour rates per steering setting (profile_tools.evaluation)
     steermoe audit ...         refusal rate as top-N safety experts are suppressed
 """
 
@@ -37,19 +37,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_batch_main(args[1:])
     if args and args[0] == "profile":
-        from expert_profiles.cli import profile_main
+        from profile_tools.profile_cli import profile_main
 
         return int(profile_main(args[1:]) or 0)
     if args and args[0] == "demo":
-        from expert_profiles.demo.cli import main as demo_main
+        from profile_tools.demo.cli import main as demo_main
+        from server.serve_command import serve_main
 
-        return int(demo_main(args[1:]) or 0)
+        return int(demo_main(args[1:], serve_main=serve_main) or 0)
     if args and args[0] == "eval":
-        from expert_profiles.evaluation.cli import main as eval_main
+        from profile_tools.evaluation.cli import main as eval_main
 
         return int(eval_main(args[1:]) or 0)
     if args and args[0] == "audit":
-        from expert_profiles.evaluation.audit import main as audit_main
+        from profile_tools.evaluation.audit import main as audit_main
 
         return int(audit_main(args[1:]) or 0)
     if args and args[0] in ("-h", "--help", "help"):

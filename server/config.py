@@ -19,8 +19,8 @@ import stat
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from expert_profiles.request_steering import PROFILE_DIR_ENV
 from expert_profiles.schema import NAME_PATTERN
-from vllm_patches.request_steering import PROFILE_DIR_ENV
 
 logger = logging.getLogger("steermoe.serve")
 

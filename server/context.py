@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from expert_profiles import request_steering as rs
 from expert_profiles.model_shape import ModelShape
 from expert_profiles.schema import SteeringProfile
 from expert_profiles.store import PROFILE_SUFFIX, ProfileStore
@@ -15,7 +16,6 @@ from server.errors import SteeringHTTPError
 from server.metrics import SteeringMetrics, steering_metrics
 from server.policy import SteeringDecision, SteeringPolicy, as_http_error
 from server.responses_state import ResponseSteeringStore
-from vllm_patches import request_steering as rs
 
 
 class ServedModel(Protocol):

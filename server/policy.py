@@ -9,17 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from expert_profiles.schema import SteeringProfile
-from server.config import LOWERS_SAFETY_TAG, ServerConfig
-from server.errors import SteeringHTTPError, clip
-from server.request_body import RequestedSteering
-from vllm_patches.request_steering import (
+from expert_profiles.request_steering import (
     CAPTURE_KEY,
     INLINE_KEY,
     PROFILE_KEY,
     ProfileCache,
     SteeringRequestError,
 )
+from expert_profiles.schema import SteeringProfile
+from server.config import LOWERS_SAFETY_TAG, ServerConfig
+from server.errors import SteeringHTTPError, clip
+from server.request_body import RequestedSteering
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from expert_profiles.request_steering import SteeringRequestError
 from expert_profiles.schema import (
     NAME_PATTERN,
     ProfileMismatchError,
@@ -43,7 +44,6 @@ from server.context import SteeringContext
 from server.errors import SteeringHTTPError, clip
 from server.metrics import ADMIN_OPERATIONS
 from server.request_body import too_deep
-from vllm_patches.request_steering import SteeringRequestError
 
 logger = logging.getLogger("steermoe.server")
 

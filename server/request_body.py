@@ -14,9 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import SteeringHTTPError
-from server.xargs_wire import encode_inline
-from vllm_patches.request_steering import (
+from expert_profiles.request_steering import (
     AUTH_KEY,
     CAPTURE_KEY,
     INLINE_KEY,
@@ -28,6 +26,8 @@ from vllm_patches.request_steering import (
     resolved_to_wire,
     steering_mark,
 )
+from server.errors import SteeringHTTPError
+from server.xargs_wire import encode_inline
 
 XARGS_KEY = "vllm_xargs"
 STEERING_KEYS = REQUEST_KEYS

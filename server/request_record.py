@@ -7,13 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from expert_profiles.request_steering import ResolvedSteering
 from server import vllm_server_compat as compat
 from server.audit import AuditRecord, write_audit
 from server.context import SteeringContext
 from server.errors import MAX_ECHO, clip
 from server.policy import SteeringDecision
 from server.request_body import RequestedSteering
-from vllm_patches.request_steering import ResolvedSteering
 
 MAX_LOGGED_ERROR = 300
 MAX_LOGGED_ID = 160

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from expert_profiles.request_steering import PROFILE_DIR_ENV, SERVER_KEY_ENV
 from server import vllm_server_compat as compat
 from server.config import ConfigError, ServerConfig
 from server.context import SteeringContext
@@ -48,7 +49,6 @@ from server.response_editor import token_counts
 from server.routing_field import routing_field
 from server.serve_command import build_parser, split_model, steering_config
 from server.steering_plan import SteeringPlan, check_other_body, plan_request, steering_field
-from vllm_patches.request_steering import PROFILE_DIR_ENV, SERVER_KEY_ENV
 
 logger = logging.getLogger("steermoe.run_batch")
 

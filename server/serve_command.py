@@ -21,6 +21,7 @@ from pathlib import Path
 
 from expert_profiles.directory import ProfileFileError
 from expert_profiles.model_shape import ModelShape, shape_from_hf_config
+from expert_profiles.request_steering import PROFILE_DIR_ENV
 from expert_profiles.schema import ProfileMismatchError
 from expert_profiles.store import ProfileNotFoundError, ProfileStore
 from server import vllm_server_compat as compat
@@ -36,7 +37,6 @@ from server.config import (
     parse_endpoints,
     read_admin_token_file,
 )
-from vllm_patches.request_steering import PROFILE_DIR_ENV
 
 logger = logging.getLogger("steermoe.serve")
 

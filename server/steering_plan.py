@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from expert_profiles.request_steering import CAPTURE_KEY, ResolvedSteering, server_key
 from server import vllm_server_compat as compat
 from server.config import ServerConfig
 from server.context import SteeringContext
@@ -31,7 +32,6 @@ from server.request_body import (
 )
 from server.request_record import CompletionTrace
 from server.responses_state import StoredSteering, continued
-from vllm_patches.request_steering import CAPTURE_KEY, ResolvedSteering, server_key
 
 # A client's request id is kept (as a prefix) only in this form.
 REQUEST_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")

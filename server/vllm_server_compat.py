@@ -60,7 +60,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from expert_profiles.model_shape import ModelShape
-from vllm_patches.request_steering import SERVER_KEY_ENV
+from expert_profiles.request_steering import SERVER_KEY_ENV
 
 MIDDLEWARE = "server.middleware.SteeringMiddleware"
 COMPLETION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}

@@ -1,7 +1,7 @@
 """Steering fields in the form vLLM's `vllm_xargs` can carry.
 
 `vllm_xargs` accepts only strings, numbers and lists of them, so inline steering travels as its
-JSON text (and routing capture as 1); the plugin's front end (`vllm_patches.request_steering`)
+JSON text (and routing capture as 1); the plugin's front end (`expert_profiles.request_steering`)
 reads both forms.
 """
 

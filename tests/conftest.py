@@ -23,7 +23,7 @@ def checkpoint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def build_tiny(checkpoint_root: Path):
     """build_tiny(family) -> checkpoint dir (built once, float32 weights)."""
-    from vllm_patches.checkpoint_factory import build_checkpoint
+    from profile_tools.checkpoint_factory import build_checkpoint
 
     def build(family: str) -> Path:
         return build_checkpoint(family, checkpoint_root / family, size="tiny", dtype="float32")

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from expert_profiles.echo import clip
-from vllm_patches import steering_ops
-from vllm_patches.request_steering import (
+from expert_profiles.request_steering import (
     CAPTURE_ID_KEY,
     CAPTURE_KEY,
     RESOLVED_KEY,
     ResolvedSteering,
 )
+from vllm_patches import steering_ops
 from vllm_patches.routing_capture import RoutingRecorder
 from vllm_patches.steering_table import SteeringTable, StepPlan
 

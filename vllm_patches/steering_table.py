@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from expert_profiles.echo import clip
+from expert_profiles.request_steering import ResolvedSteering
 from expert_profiles.schema import MAX_EPS
-from vllm_patches.request_steering import ResolvedSteering
 
 logger = logging.getLogger("steermoe")
 

@@ -28,8 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from expert_profiles import request_steering as rs
 from expert_profiles.model_shape import ModelShape, shape_from_hf_config
-from vllm_patches import request_steering as rs
 from vllm_patches import steering_ops
 from vllm_patches.engine_steering import BiasedRerouter, EngineSteering, MoELayerInfo
 from vllm_patches.fused_steered_routing import install_fused_routing

@@ -83,7 +83,7 @@ def test_routing_problems():
 
 
 def test_mixed_requests_are_valid_steering_for_the_shape():
-    from vllm_patches.request_steering import ResolvedSteering
+    from expert_profiles.request_steering import ResolvedSteering
     from vllm_patches.steering_table import applicable_problem
 
     for shape in (SHAPE, {**SHAPE, "num_experts": 64, "top_k": 8, "moe_layers": [0, 1, 2]}):

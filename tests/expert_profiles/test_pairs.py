@@ -8,12 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from expert_profiles.detection import (
-    DetectionError,
-    DetectionState,
-    count_target_experts,
-    scan_pairs,
-)
 from expert_profiles.examples import make_pairs
 from expert_profiles.pairs import (
     PairsFileError,
@@ -22,6 +16,12 @@ from expert_profiles.pairs import (
     iter_lines,
     parse_pair,
     render_side,
+)
+from profile_tools.detection import (
+    DetectionError,
+    DetectionState,
+    count_target_experts,
+    scan_pairs,
 )
 
 GOOD = {

@@ -34,9 +34,9 @@ from typing import Any
 import httpx
 import pytest
 
+from profile_tools.checkpoint_factory import model_shape
 from tests.security import helpers as h
 from tests.server.server_process import RunningServer, steermoe_server, write_profile
-from vllm_patches.checkpoint_factory import model_shape
 
 REPO = Path(__file__).resolve().parents[2]
 STUCK_AFTER_S = 12.0

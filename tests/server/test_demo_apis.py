@@ -4,7 +4,7 @@ restricted topics. Responses (OpenAI SDK), Anthropic Messages (Anthropic SDK), c
 and SageMaker `/invocations`; a stored response's continuation keeps its steering.
 
 The demo is built and its profiles detected once (cached with the other checkpoints; ~2 min
-the first time, see tests/expert_profiles/test_demo_server.py).
+the first time, see tests/profile_tools/test_demo_server.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 
-from expert_profiles.demo import task
-from expert_profiles.demo.prepare import prepare
-from expert_profiles.demo.serve import SAFE_ENDPOINT, SERVED_NAME, steering_args
+from profile_tools.demo import task
+from profile_tools.demo.prepare import prepare
+from profile_tools.demo.serve import SAFE_ENDPOINT, SERVED_NAME, steering_args
 from tests.server.server_process import steermoe_server
 
 pytestmark = pytest.mark.engine

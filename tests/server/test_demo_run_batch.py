@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from expert_profiles.demo import task
-from expert_profiles.demo.build import MAX_MODEL_LEN
-from expert_profiles.demo.prepare import prepare
-from expert_profiles.demo.serve import SAFE_ENDPOINT, SERVED_NAME, steering_args
+from profile_tools.demo import task
+from profile_tools.demo.build import MAX_MODEL_LEN
+from profile_tools.demo.prepare import prepare
+from profile_tools.demo.serve import SAFE_ENDPOINT, SERVED_NAME, steering_args
 from tests.server.test_run_batch import run
 
 pytestmark = pytest.mark.engine

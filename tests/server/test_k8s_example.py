@@ -12,7 +12,7 @@ yaml = pytest.importorskip("yaml")
 
 from expert_profiles.model_shape import shape_from_hf_config  # noqa: E402
 from expert_profiles.schema import SteeringProfile  # noqa: E402
-from vllm_patches.checkpoint_factory import checkpoint_config  # noqa: E402
+from profile_tools.checkpoint_factory import checkpoint_config  # noqa: E402
 
 K8S = Path(__file__).resolve().parents[2] / "docker" / "k8s"
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from expert_profiles.request_steering import ProfileCache
 from server.config import ServerConfig
 from server.errors import SteeringHTTPError
 from server.policy import SteeringDecision, SteeringPolicy
 from server.request_body import RequestedSteering
 from tests.server.server_process import write_profile
-from vllm_patches.request_steering import ProfileCache
 
 MODEL = {"architecture": "Qwen3MoeForCausalLM", "num_layers": 4, "num_experts": 8, "top_k": 2}
 INLINE = {"activate": {"1": [2]}}

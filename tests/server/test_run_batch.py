@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from profile_tools.checkpoint_factory import model_shape
 from tests.server.routing_checks import assert_follows, follows
 from tests.server.server_process import ENGINE_OPTIONS, write_profile
-from vllm_patches.checkpoint_factory import model_shape
 
 pytestmark = pytest.mark.engine
 

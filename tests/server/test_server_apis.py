@@ -20,9 +20,9 @@ import httpx
 import openai
 import pytest
 
+from profile_tools.checkpoint_factory import model_shape
 from tests.server.routing_checks import assert_follows, follows
 from tests.server.server_process import steermoe_server, write_profile
-from vllm_patches.checkpoint_factory import model_shape
 
 pytestmark = pytest.mark.engine
 

@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
+from profile_tools.checkpoint_factory import model_shape
 from tests.server.server_process import steermoe_server, write_profile
-from vllm_patches.checkpoint_factory import model_shape
 
 pytestmark = pytest.mark.engine
 

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from expert_profiles import request_steering as rs
 from expert_profiles.model_shape import ModelShape
 from server import xargs_wire
-from vllm_patches import request_steering as rs
 
 SHAPE = ModelShape("Qwen3MoeForCausalLM", 4, 8, 2, (0, 1, 2, 3))
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from expert_profiles.request_steering import ResolvedSteering
 from vllm_patches import steering_ops
 from vllm_patches.engine_steering import EngineSteering, MoELayerInfo
-from vllm_patches.request_steering import ResolvedSteering
 
 E, K, GROUPS, KEEP_GROUPS, SCALE, LAYER = 16, 4, 4, 2, 2.5, 3
 CPU_ROUTER = "vllm.model_executor.layers.fused_moe.router.cpu_router"

@@ -16,7 +16,7 @@ def _dense_checkpoint(out: Path) -> Path:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from vllm_patches.checkpoint_factory import padded_vocab_size, write_tokenizer
+    from profile_tools.checkpoint_factory import padded_vocab_size, write_tokenizer
 
     torch.manual_seed(0)
     config = Qwen3Config(

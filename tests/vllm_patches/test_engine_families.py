@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from profile_tools.checkpoint_factory import model_shape
 from tests.support.engines import running_llm
 from tests.support.hf_reference import hf_routing, hf_steered_logits
-from vllm_patches.checkpoint_factory import model_shape
 from vllm_patches.routing_capture import fetch_routing
 
 pytestmark = pytest.mark.engine

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from expert_profiles import request_steering as rs
+from profile_tools.checkpoint_factory import model_shape
 from tests.support.engines import env, running_llm
-from vllm_patches import request_steering as rs
-from vllm_patches.checkpoint_factory import model_shape
 from vllm_patches.routing_capture import TAKE_METHOD, RoutingRecord, _merge
 
 pytestmark = pytest.mark.engine

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from profile_tools.checkpoint_factory import model_shape
 from tests.support.engines import running_llm
-from vllm_patches.checkpoint_factory import model_shape
 from vllm_patches.routing_capture import fetch_routing
 
 pytestmark = pytest.mark.engine
@@ -109,7 +109,7 @@ def test_prefix_cache_salt_cannot_be_forged(engine):
     """The digest of a steering is public; a client salt built from it must not let an
     unsteered request fill the blocks that steered requests read (nor steering A's, B's)."""
     from expert_profiles.directory import load_profile_file
-    from vllm_patches.request_steering import salted
+    from expert_profiles.request_steering import salted
 
     llm = engine["llm"]
     prompt = ("Answer from the document only; say when the answer is not there. The museum "

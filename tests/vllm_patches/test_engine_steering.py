@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from expert_profiles.request_steering import RESOLVED_KEY, ResolvedSteering
 from tests.vllm_patches.test_steering_table import (
     MOE_LAYERS,
     NUM_EXPERTS,
@@ -29,7 +30,6 @@ from tests.vllm_patches.test_steering_table import (
     step,
 )
 from vllm_patches import steering_ops
-from vllm_patches.request_steering import RESOLVED_KEY, ResolvedSteering
 from vllm_patches.routing_capture import RoutingRecord
 from vllm_patches.steering_table import applicable_problem
 

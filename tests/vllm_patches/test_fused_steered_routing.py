@@ -21,11 +21,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from expert_profiles.request_steering import ResolvedSteering  # noqa: E402
 from vllm_patches import fused_steered_routing as fsr  # noqa: E402
 from vllm_patches import steering_ops  # noqa: E402
 from vllm_patches.engine_steering import EngineSteering, MoELayerInfo  # noqa: E402
 from vllm_patches.fused_routing import route_softmax_topk, triton_available  # noqa: E402
-from vllm_patches.request_steering import ResolvedSteering  # noqa: E402
 from vllm_patches.steering_math import steer_router_logits  # noqa: E402
 
 CUDA = torch.cuda.is_available()

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from expert_profiles.request_steering import RESOLVED_KEY, ResolvedSteering
 from vllm_patches import steering_ops, vllm_compat
 from vllm_patches.engine_steering import EngineSteering, MoELayerInfo
-from vllm_patches.request_steering import RESOLVED_KEY, ResolvedSteering
 from vllm_patches.routing_capture import (
     DISCARD_METHOD,
     TAKE_METHOD,

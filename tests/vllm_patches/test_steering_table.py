@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from expert_profiles.request_steering import CAPTURE_ID_KEY, RESOLVED_KEY, ResolvedSteering
 from vllm_patches import steering_math, steering_ops
 from vllm_patches.engine_steering import (
     EngineSteering,
@@ -18,7 +19,6 @@ from vllm_patches.engine_steering import (
     capture_id_of,
     steering_of,
 )
-from vllm_patches.request_steering import CAPTURE_ID_KEY, RESOLVED_KEY, ResolvedSteering
 from vllm_patches.routing_capture import KEEP_ENV, RoutingRecord, RoutingRecorder
 from vllm_patches.steering_table import SteeringTable, StepPlan
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from expert_profiles.demo import task
-from expert_profiles.demo.task import Question, Request
+from profile_tools.demo import task
+from profile_tools.demo.task import Question, Request
 
 SPLIT_SEED = 1234
 PLANTED_LAYERS = (1, 2)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from expert_profiles.evaluation.judges import Judge, rule_judge
-from expert_profiles.evaluation.prompts import PromptItem, PromptSetError, load_prompts
-from expert_profiles.evaluation.stats import wilson
+from profile_tools.evaluation.judges import Judge, rule_judge
+from profile_tools.evaluation.prompts import PromptItem, PromptSetError, load_prompts
+from profile_tools.evaluation.stats import wilson
 
 DEFAULT_STEPS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 STATS_NAME = "audit-safety"
@@ -159,8 +159,8 @@ def run_audit(llm: Any, pairs: Path, items: list[PromptItem], out: Path, *,
               judge: Judge | None = None, max_tokens: int = 48,
               activate_opposite: bool = True, title: str = "") -> dict[str, Any]:
     """The audit on a running detection engine (prefix caching off)."""
-    from expert_profiles.detection import detect_profile, served_shape
     from expert_profiles.store import ProfileStore
+    from profile_tools.detection import detect_profile, served_shape
 
     judge = judge or rule_judge("refusal")
     shape = served_shape(llm)
@@ -236,8 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PromptSetError, ValueError) as exc:
         print(f"steermoe audit: error: {exc}", file=sys.stderr)
         return 1
-    from expert_profiles.demo.prepare import shutdown
-    from expert_profiles.detection import start_detection_engine
+    from profile_tools.demo.prepare import shutdown
+    from profile_tools.detection import start_detection_engine
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from expert_profiles.demo.data import (
+from profile_tools.checkpoint_factory import checkpoint_config
+from profile_tools.demo.data import (
     EDITS,
     PLANTED,
     PLANTED_LAYERS,
@@ -24,10 +25,9 @@ from expert_profiles.demo.data import (
     make_split,
     write_task_files,
 )
-from expert_profiles.demo.model import DemoConfig
-from expert_profiles.demo.tokenizer import tokenizer_json, write_tokenizer
-from expert_profiles.demo.train import TrainSettings, train
-from vllm_patches.checkpoint_factory import checkpoint_config
+from profile_tools.demo.model import DemoConfig
+from profile_tools.demo.tokenizer import tokenizer_json, write_tokenizer
+from profile_tools.demo.train import TrainSettings, train
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from expert_profiles.demo.build import MAX_MODEL_LEN
-from expert_profiles.demo.prepare import paths
+from profile_tools.demo.build import MAX_MODEL_LEN
+from profile_tools.demo.prepare import paths
 
 SERVED_NAME = "demo"
 SAFE_ENDPOINT = "demo-safe"
@@ -39,8 +39,3 @@ def serve_argv(directory: str | Path, extra: Sequence[str] = ()) -> list[str]:
         argv += ["--gpu-memory-utilization", "0.15"]
     return argv + list(extra)
 
-
-def serve(directory: str | Path, extra: Sequence[str] = ()) -> int:
-    from server.serve_command import serve_main
-
-    return serve_main(serve_argv(directory, extra))

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from expert_profiles.evaluation.client import ChatClient, RequestFailed
-from expert_profiles.evaluation.judges import Judge, JudgeError
-from expert_profiles.evaluation.prompts import PromptItem
+from profile_tools.evaluation.client import ChatClient, RequestFailed
+from profile_tools.evaluation.judges import Judge, JudgeError
+from profile_tools.evaluation.prompts import PromptItem
 
 
 @dataclass(frozen=True)

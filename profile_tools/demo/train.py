@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from expert_profiles.demo.data import (
+from profile_tools.checkpoint_factory import BOS, EOS, PAD
+from profile_tools.demo.data import (
     EDIT_NAMES,
     PLANTED,
     PLANTED_LAYERS,
@@ -23,8 +24,7 @@ from expert_profiles.demo.data import (
     edit_sets,
     sample_example,
 )
-from expert_profiles.demo.model import DemoConfig, DemoMoE
-from vllm_patches.checkpoint_factory import BOS, EOS, PAD
+from profile_tools.demo.model import DemoConfig, DemoMoE
 from vllm_patches.steering_math import ACTIVATE, DEACTIVATE
 
 logger = logging.getLogger(__name__)

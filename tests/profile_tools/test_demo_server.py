@@ -13,10 +13,10 @@ from typing import Any
 import openai
 import pytest
 
-from expert_profiles.demo import task
-from expert_profiles.demo.prepare import prepare
-from expert_profiles.demo.serve import SAFE_ENDPOINT, SERVED_NAME, steering_args
-from expert_profiles.evaluation.cli import main as eval_main
+from profile_tools.demo import task
+from profile_tools.demo.prepare import prepare
+from profile_tools.demo.serve import SAFE_ENDPOINT, SERVED_NAME, steering_args
+from profile_tools.evaluation.cli import main as eval_main
 from tests.server.server_process import steermoe_server
 
 pytestmark = pytest.mark.engine

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from expert_profiles.evaluation.stats import Rate, wilson
+from profile_tools.evaluation.stats import Rate, wilson
 
 BEHAVIOUR, CONTROL = "behaviour", "control"
 

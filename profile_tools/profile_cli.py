@@ -220,8 +220,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from expert_profiles.detection import detect_profile, start_detection_engine
     from expert_profiles.store import validate_name
+    from profile_tools.detection import detect_profile, start_detection_engine
 
     name = args.name or Path(args.pairs).stem
     validate_name(name)
@@ -363,7 +363,6 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from expert_profiles.detection import DetectionError
     from expert_profiles.directory import ProfileFileError
     from expert_profiles.expert_stats import StatsFormatError
     from expert_profiles.pairs import PairsFileError
@@ -373,6 +372,7 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
         ProfileExistsError,
         ProfileNotFoundError,
     )
+    from profile_tools.detection import DetectionError
 
     failures = (CliError, DetectionError, ProfileFileError, StatsFormatError, PairsFileError,
                 UnsafePickleError, InvalidProfileNameError, ProfileExistsError,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from expert_profiles.demo.data import PLANTED, PLANTED_LAYERS
-from expert_profiles.demo.prepare import prepare
-from expert_profiles.evaluation.audit import main as audit_main
+from profile_tools.demo.data import PLANTED, PLANTED_LAYERS
+from profile_tools.demo.prepare import prepare
+from profile_tools.evaluation.audit import main as audit_main
 
 pytestmark = pytest.mark.engine
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run `steermoe demo` with argv (without the leading 'demo')."""
+def main(argv: Sequence[str] | None = None,
+         serve_main: Callable[[list[str]], int] | None = None) -> int:
+    """Run `steermoe demo` with argv (without the leading 'demo').
+
+    `serve_main` runs `steermoe serve` (the server sits above this package, so the `steermoe`
+    command hands it in)."""
     args, extra = build_parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
     if extra and args.command != "serve":
         print(f"steermoe demo {args.command}: unknown arguments {extra}", file=sys.stderr)
@@ -34,24 +38,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "build":
-        from expert_profiles.demo.build import build
+        from profile_tools.demo.build import build
 
         out = build(args.dir, progress=True)
         print(json.dumps({"model": str(out)}))
     elif args.command == "prepare":
-        from expert_profiles.demo.prepare import prepare
+        from profile_tools.demo.prepare import prepare
 
         model_dir, profile_dir = prepare(args.dir, progress=True)
         print(json.dumps({"model": str(model_dir), "profiles": str(profile_dir)}))
     else:
-        from expert_profiles.demo.prepare import is_prepared
-        from expert_profiles.demo.serve import serve
+        from profile_tools.demo.prepare import is_prepared
+        from profile_tools.demo.serve import serve_argv
 
+        if serve_main is None:
+            print("steermoe demo serve: run it through the steermoe command", file=sys.stderr)
+            return 2
         if not is_prepared(args.dir):
             print(f"steermoe demo serve: {args.dir} is not prepared; run steermoe demo prepare "
                   f"{args.dir} first", file=sys.stderr)
             return 2
-        return serve(args.dir, extra)
+        return serve_main(serve_argv(args.dir, extra))
     return 0
 
 

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from expert_profiles.detection import DetectionError, DetectionState, detect_profile
 from expert_profiles.examples.make_pairs import DEFAULT_OUT as EXAMPLE_PAIRS
 from expert_profiles.pairs import parse_pair
 from expert_profiles.schema import SteeringProfile
 from expert_profiles.store import ProfileStore
+from profile_tools.checkpoint_factory import model_shape
+from profile_tools.detection import DetectionError, DetectionState, detect_profile
 from tests.support.engines import running_llm
-from vllm_patches.checkpoint_factory import model_shape
 from vllm_patches.routing_capture import fetch_routing
 
 pytestmark = pytest.mark.engine

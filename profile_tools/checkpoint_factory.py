@@ -16,8 +16,8 @@ config.json is written with the key names the published checkpoints use (`num_ex
 Qwen, `rope_theta` rather than `rope_parameters`, ...) so older transformers releases read it
 the same way; the model is built from that file as transformers parses it.
 
-CLI: python -m vllm_patches.checkpoint_factory FAMILY OUT_DIR [--size tiny|real] [--seed N]
-     [--dtype bfloat16|float16|float32]; python -m vllm_patches.checkpoint_factory --list
+CLI: python -m profile_tools.checkpoint_factory FAMILY OUT_DIR [--size tiny|real] [--seed N]
+     [--dtype bfloat16|float16|float32]; python -m profile_tools.checkpoint_factory --list
 """
 
 from __future__ import annotations
@@ -798,7 +798,7 @@ def model_shape(checkpoint_dir: str | Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_patches.checkpoint_factory", description=__doc__.split("\n\n")[0]
+        prog="python -m profile_tools.checkpoint_factory", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("family", nargs="?", help="one of --list")
     parser.add_argument("out_dir", nargs="?")

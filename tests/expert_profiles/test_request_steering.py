@@ -1,4 +1,4 @@
-"""`vllm_patches.request_steering`: resolving a request's steering in the front end."""
+"""`expert_profiles.request_steering`: resolving a request's steering in the front end."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from expert_profiles import request_steering as rs
 from expert_profiles.model_shape import ModelShape
-from vllm_patches import request_steering as rs
-from vllm_patches.request_steering import (
+from expert_profiles.request_steering import (
     ModelNotSteerableError,
     ProfileCache,
     ResolvedSteering,

@@ -1,6 +1,6 @@
 """The demo's byte-level BPE tokenizer, trained on the task's own texts (small vocabulary).
 
-Special tokens, chat template and tokenizer_config follow `vllm_patches.checkpoint_factory`,
+Special tokens, chat template and tokenizer_config follow `profile_tools.checkpoint_factory`,
 so the demo checkpoint is served like the project's other local checkpoints.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from expert_profiles.demo.task import vocabulary_corpus
-from vllm_patches.checkpoint_factory import SPECIAL_TOKENS
+from profile_tools.checkpoint_factory import SPECIAL_TOKENS
+from profile_tools.demo.task import vocabulary_corpus
 
 # Large enough that every word of the task becomes one token; training stops earlier.
 _MAX_VOCAB = 4096
@@ -34,7 +34,7 @@ def tokenizer_json() -> str:
 
 def write_tokenizer(out: Path, text: str) -> None:
     """tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json."""
-    from vllm_patches.checkpoint_factory import write_tokenizer as write_files
+    from profile_tools.checkpoint_factory import write_tokenizer as write_files
 
     write_files(out, tokenizer_json=text, model_max_length=512)
 

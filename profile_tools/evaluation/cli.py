@@ -17,11 +17,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from expert_profiles.evaluation.client import ChatClient
-from expert_profiles.evaluation.judges import LLMJudge, rule_judge
-from expert_profiles.evaluation.prompts import PromptSetError, load_prompts
-from expert_profiles.evaluation.report import BEHAVIOUR, CONTROL, summarize, write_reports
-from expert_profiles.evaluation.runner import Setting, Task, parse_setting, run_tasks
+from profile_tools.evaluation.client import ChatClient
+from profile_tools.evaluation.judges import LLMJudge, rule_judge
+from profile_tools.evaluation.prompts import PromptSetError, load_prompts
+from profile_tools.evaluation.report import BEHAVIOUR, CONTROL, summarize, write_reports
+from profile_tools.evaluation.runner import Setting, Task, parse_setting, run_tasks
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from profile_tools import checkpoint_factory as factory
+from profile_tools.checkpoint_factory import FAMILIES, build_checkpoint, model_shape
 from tests.support.hf_reference import (
     hf_routing,
     hf_steered_logits,
     load_reference_model,
     moe_layer_indices,
 )
-from vllm_patches import checkpoint_factory as factory
-from vllm_patches.checkpoint_factory import FAMILIES, build_checkpoint, model_shape
 
 ALL_FAMILIES = sorted(FAMILIES)
 REQUIRED = {

@@ -2,7 +2,7 @@
 
 DIR/model is the checkpoint (`build`); DIR/profiles gets `words` (digits -> words),
 `digits` (words -> digits) and `safety` (refusal on for restricted requests), each made by
-the detection code path (`expert_profiles.detection.detect_profile`, what
+the detection code path (`profile_tools.detection.detect_profile`, what
 `steermoe profile detect` runs) from the pairs the build wrote. Done again only when the model
 or the detection settings change.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from expert_profiles.demo.build import MARKER, MAX_MODEL_LEN, build
-from expert_profiles.demo.data import PLANTED_LAYERS
+from profile_tools.demo.build import MARKER, MAX_MODEL_LEN, build
+from profile_tools.demo.data import PLANTED_LAYERS
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def is_prepared(directory: str | Path) -> bool:
 
 def detect_all(llm: Any, model_dir: Path, profile_dir: Path, progress: bool = False) -> None:
     """Detect every profile of PROFILES on a running detection engine (overwriting)."""
-    from expert_profiles.detection import detect_profile
+    from profile_tools.detection import detect_profile
 
     for spec in PROFILES:
         result = detect_profile(
@@ -83,7 +83,7 @@ def detect_all(llm: Any, model_dir: Path, profile_dir: Path, progress: bool = Fa
 def prepare(directory: str | Path, progress: bool = False,
             engine_kwargs: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Build (cached) and detect the profiles (cached); returns (model dir, profile dir)."""
-    from expert_profiles.detection import start_detection_engine
+    from profile_tools.detection import start_detection_engine
 
     model_dir, profile_dir = paths(directory)
     build(model_dir, progress=progress)

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from expert_profiles.evaluation.client import ChatClient
-from expert_profiles.evaluation.prompts import PromptItem
+from profile_tools.evaluation.client import ChatClient
+from profile_tools.evaluation.prompts import PromptItem
 
 REFUSAL_PATTERNS = (
     r"\bi (?:cannot|can't|can not|won't|will not|am unable to|'m unable to) "

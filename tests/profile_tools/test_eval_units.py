@@ -11,21 +11,21 @@ import httpx
 import numpy as np
 import pytest
 
-from expert_profiles.evaluation import runner
-from expert_profiles.evaluation.audit import concentration, plan_steps
-from expert_profiles.evaluation.client import ChatClient, RequestFailed
-from expert_profiles.evaluation.judges import (
+from expert_profiles.expert_stats import ExpertStats
+from profile_tools.evaluation import runner
+from profile_tools.evaluation.audit import concentration, plan_steps
+from profile_tools.evaluation.client import ChatClient, RequestFailed
+from profile_tools.evaluation.judges import (
     ExpectedJudge,
     JudgeError,
     LLMJudge,
     RefusalJudge,
     rule_judge,
 )
-from expert_profiles.evaluation.prompts import PromptItem, PromptSetError, load_prompts
-from expert_profiles.evaluation.report import markdown_table, summarize, write_reports
-from expert_profiles.evaluation.runner import Setting, Task, parse_setting, run_tasks
-from expert_profiles.evaluation.stats import wilson
-from expert_profiles.expert_stats import ExpertStats
+from profile_tools.evaluation.prompts import PromptItem, PromptSetError, load_prompts
+from profile_tools.evaluation.report import markdown_table, summarize, write_reports
+from profile_tools.evaluation.runner import Setting, Task, parse_setting, run_tasks
+from profile_tools.evaluation.stats import wilson
 
 
 def test_wilson_matches_known_values():

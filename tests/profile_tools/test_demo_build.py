@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from expert_profiles.demo import task
-from expert_profiles.demo.build import MODEL_FILES, build, is_built, model_config
-from expert_profiles.demo.data import PLANTED, PLANTED_LAYERS, eval_sets, make_split
-from expert_profiles.detection import scan_pairs
+from profile_tools.demo import task
+from profile_tools.demo.build import MODEL_FILES, build, is_built, model_config
+from profile_tools.demo.data import PLANTED, PLANTED_LAYERS, eval_sets, make_split
+from profile_tools.detection import scan_pairs
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_build_again_is_a_no_op(demo_model: Path):
 def _training_model(directory: Path):
     from safetensors.torch import load_file
 
-    from expert_profiles.demo.model import DemoMoE
+    from profile_tools.demo.model import DemoMoE
 
     config = json.loads((directory / "config.json").read_text())
     model = DemoMoE(model_config(config))

@@ -1,5 +1,5 @@
 """`steermoe profile list/show/validate/delete/import-steermoe` (no engine), through both
-`expert_profiles.cli.profile_main` and the `steermoe` entry point."""
+`profile_tools.profile_cli.profile_main` and the `steermoe` entry point."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from expert_profiles.cli import profile_main
 from expert_profiles.expert_stats import ExpertStats
 from expert_profiles.schema import SteeringProfile
 from expert_profiles.store import ProfileStore
+from profile_tools.profile_cli import profile_main
 from server.cli import main as steermoe_main
 
 TINY = {"architecture": "Qwen3MoeForCausalLM", "num_layers": 4, "num_experts": 8, "top_k": 2}

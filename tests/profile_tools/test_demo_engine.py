@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from expert_profiles.demo import task
-from expert_profiles.demo.data import PLANTED, PLANTED_LAYERS
-from expert_profiles.demo.prepare import prepare
 from expert_profiles.store import ProfileStore
+from profile_tools.demo import task
+from profile_tools.demo.data import PLANTED, PLANTED_LAYERS
+from profile_tools.demo.prepare import prepare
 from tests.support.engines import running_llm
 from vllm_patches.routing_capture import fetch_routing
 
