@@ -237,10 +237,9 @@ def run_reference(spec: dict[str, Any], mixed: dict[str, Any]) -> dict[str, Any]
 
 def _engine_info() -> dict[str, Any] | None:
     directory = os.environ.get("STEERMOE_RUNTIME_DIR")
-    path = Path(directory, "engine.json") if directory else None
-    if path is None or not path.exists():
-        return None
-    return json.loads(path.read_text())
+    found = sorted(Path(directory).glob("engine*.json"), key=lambda p: p.stat().st_mtime_ns) \
+        if directory else []
+    return json.loads(found[-1].read_text()) if found else None
 
 
 def main(argv: list[str] | None = None) -> int:

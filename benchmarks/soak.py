@@ -28,13 +28,8 @@ import json
 import os
 import random
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.http_load import WORDS, is_loopback
+from benchmarks.local_server import steermoe_serve
 
 # ---- what is sent --------------------------------------------------------------------------
 
@@ -730,62 +726,17 @@ class Soak:
 # ---- a server of our own -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 @contextlib.contextmanager
 def own_server(checkpoint: Path, profiles: Path, log_path: Path,
                extra: list[str]) -> Iterator[str]:
     """`steermoe serve` on 127.0.0.1 (a free port) until the block ends; yields its URL."""
-    port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", str(checkpoint), *ENGINE_OPTIONS,
-               "--host", "127.0.0.1", "--port", str(port), "--profiles", str(profiles),
-               "--endpoint", f"{LOCKED_ENDPOINT}={LOCKED_PROFILE}", "--allow-routing-capture",
-               *extra]
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
-    for key in ("STEERMOE_SERVER_CONFIG", "VLLM_API_KEY"):
-        env.pop(key, None)
-    print(f"[soak] starting: {' '.join(command)}", file=sys.stderr, flush=True)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   cwd=Path(__file__).resolve().parents[1],
-                                   start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(url):
-            if process.poll() is not None:
-                raise RuntimeError(f"steermoe serve exited:\n{_tail(log_path)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"steermoe serve did not start:\n{_tail(log_path)}")
-            time.sleep(2)
-        yield url
-    finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+    args = [*ENGINE_OPTIONS, "--profiles", str(profiles),
+            "--endpoint", f"{LOCKED_ENDPOINT}={LOCKED_PROFILE}", "--allow-routing-capture",
+            *extra]
+    print(f"[soak] starting steermoe serve {checkpoint} {' '.join(args)}", file=sys.stderr,
+          flush=True)
+    with steermoe_serve(checkpoint, args, log_path, start_timeout_s=START_TIMEOUT_S) as server:
+        yield server.base_url
 
 
 # ---- command line ----------------------------------------------------------------------------

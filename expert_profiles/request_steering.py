@@ -10,6 +10,8 @@ Runs where requests enter vLLM (the front-end process). A request selects steeri
 
 Through vLLM's OpenAI server these travel in `vllm_xargs`, which carries only strings and
 numbers: there `steering` may be its JSON text and `capture_routing` may be 1 or 0.
+`parse_steering_fields` reads these fields with one set of rules, for the steering layer (a request
+body's top level and its `vllm_xargs`) and for the front end (`extra_args`) alike.
 The keys the front end writes (`RESERVED_KEYS`) are dropped from what a client sends, and the
 request keys are replaced by the resolved steering: the engine never sees a request key.
 
@@ -17,9 +19,9 @@ Under `steermoe serve` (`SERVER_KEY_ENV` set), the steering layer marks the stee
 authorised with an HMAC (`steering_mark`) and the front end refuses request keys without a
 valid mark: whatever reaches vLLM past the steering layer cannot steer.
 
-Resolution checks the profile against the served model and writes the resolved sets into
-`extra_args[RESOLVED_KEY]`, so the engine needs no profile files and a profile edited later
-only affects requests that arrive later. No vLLM import here.
+Resolution checks the profile (read through `ProfileStore.get_cached`) against the served model
+and writes the resolved sets into `extra_args[RESOLVED_KEY]`, so the engine needs no profile
+files and a profile edited later only affects requests that arrive later. No vLLM import here.
 """
 
 from __future__ import annotations
@@ -28,23 +30,31 @@ import hashlib
 import hmac
 import json
 import os
-import re
-import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from expert_profiles.directory import ProfileFileError, load_profile_file
+from expert_profiles.composition import (
+    CompositionConflictError,
+    CompositionError,
+    compose,
+    composed_name,
+    split_names,
+)
+from expert_profiles.directory import ProfileFileError
 from expert_profiles.echo import clip
 from expert_profiles.model_shape import ModelShape
 from expert_profiles.schema import (
-    NAME_PATTERN,
     ExpertSteering,
     ProfileMismatchError,
+    SteeringProfile,
     describe_validation_error,
+    is_profile_name,
 )
+from expert_profiles.store import ProfileNotFoundError, ProfileStore
 
 PROFILE_KEY = "steering_profile"
 INLINE_KEY = "steering"
@@ -71,12 +81,15 @@ def default_eps() -> float:
 
 
 class SteeringRequestError(ValueError):
-    """A request's steering cannot be served; `status` is the HTTP status that fits."""
+    """A request's steering cannot be served; `status` is the HTTP status that fits, `param`
+    the request field at fault where one is (`parse_steering_fields` sets it)."""
 
-    def __init__(self, message: str, status: int = 400, code: str = "invalid_steering"):
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_steering",
+                 param: str | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.param = param
 
 
 class UnknownProfileError(SteeringRequestError):
@@ -119,84 +132,147 @@ class ResolvedSteering:
         )
 
 
+@dataclass(frozen=True)
+class RequestedSteering:
+    """What a request asked for; `profile_given` is true even for an explicit null."""
+
+    profile: str | None = None
+    profile_given: bool = False
+    inline: dict[str, Any] | None = None
+    capture: bool = False
+
+    @property
+    def asks_for_steering(self) -> bool:
+        return self.profile is not None or self.inline is not None
+
+    @property
+    def mentions_steering(self) -> bool:
+        """Whether the request said anything about steering (even `steering_profile: null`)."""
+        return self.profile_given or self.inline is not None
+
+
+def parse_steering_fields(fields: Mapping[str, Any]) -> RequestedSteering:
+    """The steering that one mapping of request fields asks for: a request body's fields or
+    `SamplingParams.extra_args`; other keys are ignored.
+
+    - `steering_profile`: a profile name, several as `A+B` or a list (`composition`; read as
+      the sorted names joined by '+'), or null for none (noted in `profile_given`: on a locked
+      endpoint or a Responses continuation, null asks for no steering);
+    - `steering`: an object, or its JSON text (the `vllm_xargs` form); null for none;
+    - `capture_routing`: true or false, or 1 or 0 (the `vllm_xargs` form);
+    - not both `steering_profile` and `steering`.
+
+    Raises SteeringRequestError (400) whose `param` names the field at fault.
+    """
+    profile = fields.get(PROFILE_KEY)
+    if profile is not None:
+        if not isinstance(profile, (str, list)):
+            raise SteeringRequestError(
+                f"{PROFILE_KEY!r} must be a string (a profile name, or names joined by '+') "
+                "or a list of profile names",
+                param=PROFILE_KEY)
+        try:
+            profile = composed_name(split_names(profile))
+        except CompositionError as exc:
+            raise SteeringRequestError(str(exc), param=PROFILE_KEY) from None
+    requested = RequestedSteering(
+        profile=profile,
+        profile_given=PROFILE_KEY in fields,
+        inline=_inline_field(fields.get(INLINE_KEY)),
+        capture=_capture_field(fields[CAPTURE_KEY]) if CAPTURE_KEY in fields else False,
+    )
+    if requested.profile is not None and requested.inline is not None:
+        raise SteeringRequestError(
+            f"give either {PROFILE_KEY!r} or {INLINE_KEY!r}, not both", param=INLINE_KEY
+        )
+    return requested
+
+
+def _inline_field(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):  # also too deep, or a number too long
+            value = None
+    if not isinstance(value, dict):
+        raise SteeringRequestError(
+            f"{INLINE_KEY!r} must be an object (or its JSON text)", param=INLINE_KEY
+        )
+    return value
+
+
+def _capture_field(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    raise SteeringRequestError(f"{CAPTURE_KEY!r} must be true or false", param=CAPTURE_KEY)
+
+
+def inline_to_wire(inline: dict[str, Any]) -> str:
+    """Inline expert sets as the JSON text `vllm_xargs` can carry (read back by
+    `parse_steering_fields`)."""
+    return json.dumps(inline, separators=(",", ":"), sort_keys=True)
+
+
 class ProfileCache:
-    """Profiles of one directory, re-read when a file changes (checked on each lookup)."""
+    """The profiles of one directory as requests name them: `ProfileStore.get_cached` (a file
+    is parsed again only when it changed), its errors as SteeringRequestError: an invalid name
+    400, an unknown profile 404, a file that cannot be used 500."""
 
     def __init__(self, directory: str | Path | None):
-        self.directory = Path(directory) if directory else None
-        self._entries: dict[str, tuple[tuple[int, ...], Any]] = {}
-        self._lock = threading.Lock()
+        self.store = ProfileStore(directory) if directory else None
 
-    def get(self, name: str):
+    @property
+    def directory(self) -> Path | None:
+        return None if self.store is None else self.store.directory
+
+    def get(self, name: Any) -> SteeringProfile:
         """The profile called `name`; raises UnknownProfileError or SteeringRequestError."""
-        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        if not is_profile_name(name):
             raise SteeringRequestError(f"invalid steering profile name '{clip(name)}'")
-        if self.directory is None:
+        if self.store is None:
             raise UnknownProfileError(
                 f"unknown steering profile {name!r}: no profile directory is configured "
                 f"(set {PROFILE_DIR_ENV})"
             )
-        path = self.directory / f"{name}.json"
         try:
-            stat = path.stat()
-        except FileNotFoundError:
-            with self._lock:
-                self._entries.pop(name, None)
+            return self.store.get_cached(name)
+        except ProfileNotFoundError:
             raise UnknownProfileError(f"unknown steering profile {name!r}") from None
-        except OSError:  # a link loop, no permission: the loader says why
-            stat = None
-        key = None if stat is None else (
-            stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
-        with self._lock:
-            cached = self._entries.get(name)
-            if key is not None and cached is not None and cached[0] == key:
-                return cached[1]
-        try:
-            profile = load_profile_file(path)
         except ProfileFileError as exc:
             raise SteeringRequestError(
                 f"steering profile {name!r} cannot be used: {exc}", status=500,
                 code="profile_invalid",
             ) from None
-        if key is not None:
-            with self._lock:
-                self._entries[name] = (key, profile)
-        return profile
+
+
+    def get_all(self, names: str) -> tuple[SteeringProfile, ...]:
+        """The profiles of a profile name or a composition `A+B` (`get` for each)."""
+        try:
+            return tuple(self.get(name) for name in split_names(names))
+        except CompositionError as exc:
+            raise SteeringRequestError(str(exc)) from None
 
 
 def resolve_request(
-    extra_args: dict[str, Any] | None,
+    extra_args: Mapping[str, Any] | None,
     shape: ModelShape | None,
     profiles: ProfileCache,
     eps: float,
     steerable_reason: str | None = None,
 ) -> ResolvedSteering | None:
     """Resolve a request's steering; None if it asks for none. Raises SteeringRequestError."""
-    if not extra_args:
+    requested = parse_steering_fields(extra_args or {})
+    if not requested.asks_for_steering:
         return None
-    name = extra_args.get(PROFILE_KEY)
-    inline = extra_args.get(INLINE_KEY)
-    if isinstance(inline, str):
-        try:
-            inline = json.loads(inline)
-        except (ValueError, RecursionError):
-            raise SteeringRequestError(
-                f"{INLINE_KEY!r} must be an object (or its JSON text)"
-            ) from None
-    if name is None and inline is None:
-        return None
-    if name is not None and inline is not None:
-        raise SteeringRequestError(
-            f"give either {PROFILE_KEY!r} or {INLINE_KEY!r}, not both"
-        )
     shape = require_steerable(shape, steerable_reason)
-    if name is not None:
-        if not isinstance(name, str):
-            raise SteeringRequestError(f"{PROFILE_KEY!r} must be a string")
-        return resolve_profile(profiles.get(name), shape, eps)
-    if not isinstance(inline, dict):
-        raise SteeringRequestError(f"{INLINE_KEY!r} must be an object (or its JSON text)")
-    return resolve_inline(inline, shape, eps)
+    if requested.profile is not None:
+        return resolve_profiles(profiles.get_all(requested.profile), shape, eps)
+    assert requested.inline is not None
+    return resolve_inline(requested.inline, shape, eps)
 
 
 def require_steerable(shape: ModelShape | None, reason: str | None) -> ModelShape:
@@ -218,6 +294,29 @@ def resolve_profile(profile: Any, shape: ModelShape, eps: float) -> ResolvedStee
     except ProfileMismatchError as exc:
         raise SteeringRequestError(str(exc), status=409, code="profile_model_mismatch") from None
     return _resolved(profile, f"profile:{profile.name}", eps)
+
+
+def resolve_profiles(profiles: Sequence[SteeringProfile], shape: ModelShape,
+                     eps: float) -> ResolvedSteering:
+    """One profile (`resolve_profile`) or a composition of several (`composition`), checked
+    against the served shape: 409 `profile_model_mismatch` if a profile is for another model,
+    409 `steering_conflict` if the profiles disagree or their union does not fit the model."""
+    if len(profiles) == 1:
+        return resolve_profile(profiles[0], shape, eps)
+    for profile in profiles:
+        try:
+            profile.check_model(shape)
+        except ProfileMismatchError as exc:
+            raise SteeringRequestError(f"steering profile {profile.name!r}: {exc}", status=409,
+                                       code="profile_model_mismatch") from None
+    name = composed_name([profile.name for profile in profiles])
+    try:
+        sets = compose(profiles, eps)
+        sets.check_shape(shape)
+    except (CompositionConflictError, ProfileMismatchError) as exc:
+        raise SteeringRequestError(f"steering profiles {name!r} cannot be composed: {exc}",
+                                   status=409, code="steering_conflict") from None
+    return _resolved(sets, f"profile:{name}", eps)
 
 
 def resolve_inline(inline: dict[str, Any], shape: ModelShape, eps: float) -> ResolvedSteering:
@@ -260,15 +359,9 @@ def resolved_from_wire(text: Any) -> ResolvedSteering:
         raise SteeringRequestError("malformed resolved steering") from None
 
 
-def wants_capture(extra_args: dict[str, Any] | None) -> bool:
-    if not extra_args or CAPTURE_KEY not in extra_args:
-        return False
-    value = extra_args[CAPTURE_KEY]
-    if type(value) is int and value in (0, 1):
-        return bool(value)
-    if not isinstance(value, bool):
-        raise SteeringRequestError(f"{CAPTURE_KEY!r} must be true or false")
-    return value
+def wants_capture(extra_args: Mapping[str, Any] | None) -> bool:
+    """Whether a request asks for its routing (`parse_steering_fields`'s rules)."""
+    return parse_steering_fields(extra_args or {}).capture
 
 
 def salted(cache_salt: str | None, digest: str | None) -> str | None:

@@ -49,6 +49,12 @@ MAX_SOURCE_DEPTH = 32
 _MAX_ECHO = 40
 
 
+def is_profile_name(name: object) -> bool:
+    """Whether `name` is a valid profile name (`NAME_PATTERN`: 1-64 letters, digits, '.', '_'
+    or '-', starting with a letter or digit): never a path, `..` or anything but ASCII."""
+    return isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None
+
+
 def describe_validation_error(exc: ValidationError, root: str) -> str:
     """A pydantic error as one line: `field.path: message; ...` (`root` when no field)."""
     return "; ".join(

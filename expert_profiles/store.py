@@ -6,9 +6,10 @@ loaders never take them for profiles. Every write is atomic (`atomic_files`): a 
 as a running server that re-reads changed files per request, sees the old file or the new one.
 
 Profile files are read as `directory.load_profile_file` reads them (regular files only, symlinks
-followed, at most `MAX_PROFILE_BYTES`). The messages of this module's errors name profiles, not
-paths: they may reach HTTP clients. The directory is kept on the error (`.directory`) for
-callers, such as a command line, that want to show it.
+followed, at most `MAX_PROFILE_BYTES`); a server, which looks a profile up on every request,
+reads it with `get_cached` (parsed again only when the file changed). The messages of this
+module's errors name profiles, not paths: they may reach HTTP clients. The directory is kept
+on the error (`.directory`) for callers, such as a command line, that want to show it.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import stat
+import threading
 from pathlib import Path
 
 from expert_profiles.atomic_files import write_atomic
 from expert_profiles.directory import ProfileFileError, load_profile_dir, load_profile_file
 from expert_profiles.expert_stats import ExpertStats
 from expert_profiles.model_shape import ModelShape
-from expert_profiles.schema import NAME_PATTERN, ProfileMismatchError, SteeringProfile
+from expert_profiles.schema import ProfileMismatchError, SteeringProfile, is_profile_name
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class ProfileExistsError(FileExistsError):
 
 def validate_name(name: str) -> str:
     """Return `name` if it is a valid profile name, else raise InvalidProfileNameError."""
-    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+    if not is_profile_name(name):
         raise InvalidProfileNameError(
             f"invalid profile name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -80,6 +81,9 @@ class ProfileStore:
         self.directory = Path(directory)
         if create:
             self.directory.mkdir(parents=True, exist_ok=True)
+        # `get_cached`: name -> (identity of the file read, the profile read from it).
+        self._cache: dict[str, tuple[tuple[int, ...], SteeringProfile]] = {}
+        self._cache_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ProfileStore({str(self.directory)!r})"
@@ -103,8 +107,21 @@ class ProfileStore:
             return []
         return sorted(
             path.stem for path in self.directory.glob(f"*{PROFILE_SUFFIX}")
-            if re.fullmatch(NAME_PATTERN, path.stem)
+            if is_profile_name(path.stem)
         )
+
+    def signature(self) -> tuple[tuple[str, int, int], ...]:
+        """(file name, modification time, size) of every `NAME.json` entry, sorted: equal
+        signatures mean nothing to validate again (an entry that cannot be stat'ed is -1, -1)."""
+        signature = []
+        for path in self.directory.glob(f"*{PROFILE_SUFFIX}"):
+            try:
+                info = path.stat()
+            except OSError:  # gone, or unreadable: validating reports it
+                signature.append((path.name, -1, -1))
+                continue
+            signature.append((path.name, info.st_mtime_ns, info.st_size))
+        return tuple(sorted(signature))
 
     def exists(self, name: str) -> bool:
         return self.profile_path(name).is_file()
@@ -116,6 +133,34 @@ class ProfileStore:
         if not self._present(path):
             raise self._not_found(name)
         return load_profile_file(path)
+
+    def get_cached(self, name: str) -> SteeringProfile:
+        """The profile `name` as a server looks it up on each request: the copy read before
+        while its file is unchanged (same inode, modification and change times and size of
+        what the name leads to), else read again (thread-safe).
+
+        Unlike `get`, anything at the name that leads to no file (a dangling link too) is
+        ProfileNotFoundError; ProfileFileError if the file is unusable (not cached)."""
+        path = self.profile_path(name)
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            with self._cache_lock:
+                self._cache.pop(name, None)
+            raise self._not_found(name) from None
+        except OSError:  # a link loop, no permission: reading it says why
+            info = None
+        key = None if info is None else (
+            info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size)
+        with self._cache_lock:
+            cached = self._cache.get(name)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        profile = load_profile_file(path)
+        if key is not None:
+            with self._cache_lock:
+                self._cache[name] = (key, profile)
+        return profile
 
     def _not_found(self, name: str) -> ProfileNotFoundError:
         return ProfileNotFoundError(f"no profile {name!r} in the profile directory",

@@ -36,6 +36,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from vllm_patches.routers import ROUTER_KINDS
+
 FACTORY_VERSION = 2
 MARKER = ".checkpoint_factory.json"
 SIZES = ("tiny", "real")
@@ -87,20 +89,17 @@ class FamilySpec:
     name: str
     architecture: str  # the `architectures` entry of config.json (what vLLM dispatches on)
     model_type: str
-    router: str  # how the HF router turns logits into a selection (see ROUTER_KINDS)
+    router: str  # the router kind's name (vllm_patches.routers.ROUTER_KINDS)
     tiny: Mapping[str, Any]  # config.json keys of the tiny size (vocab and token ids added)
     real_name: str  # the published checkpoint whose shape `size="real"` copies
     real: Mapping[str, Any]  # config.json of the published checkpoint (shape keys)
     note: str = ""
 
-
-ROUTER_KINDS = {
-    "softmax_topk": "softmax over all experts, top-k, optional renormalisation",
-    "topk_softmax": "top-k of the logits, then softmax over the k (GPT-OSS, Granite)",
-    "softmax_grouped": "softmax, keep topk_group groups by group max, top-k (DeepSeek-V2)",
-    "sigmoid_bias_grouped": "sigmoid; choose by sigmoid+bias, groups by top-2 sum (DeepSeek-V3)",
-    "sparsemixer": "PhiMoE sparsemixer on the raw logits (not shift invariant)",
-}
+    def __post_init__(self) -> None:
+        kind = ROUTER_KINDS.get(self.router)
+        if kind is None or self.model_type not in kind.model_types:
+            raise ValueError(f"{self.name}: router kind {self.router!r} does not list model_type "
+                             f"{self.model_type!r} (vllm_patches/routers)")
 
 
 def _frozen(**kwargs: Any) -> Mapping[str, Any]:

@@ -162,6 +162,21 @@ def require_no_prefix_caching(llm: Any) -> None:
         )
 
 
+def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
+    """`--engine-arg KEY=VALUE` items as `vllm.LLM` keyword arguments (VALUE as JSON if it
+    parses, else the string); ValueError for an item without `=` or key."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--engine-arg wants KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
 def start_detection_engine(model: str | Path, **engine_kwargs: Any) -> Any:
     """A `vllm.LLM` for detection: prefix caching off, steering plugin loaded as usual."""
     from vllm import LLM

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from expert_profiles.model_shape import ModelShape
+from expert_profiles.request_steering import PROFILE_DIR_ENV
 from expert_profiles.schema import SteeringProfile
 from expert_profiles.selection import DIRECTIONS
 from expert_profiles.store import ProfileStore
 
-PROFILE_DIR_ENV = "STEERMOE_PROFILE_DIR"
 _DESCRIPTION_WIDTH = 48
 
 
@@ -208,14 +208,12 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.tensor_parallel_size:
         kwargs["tensor_parallel_size"] = args.tensor_parallel_size
-    for item in args.engine_arg or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"--engine-arg wants KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
+    from profile_tools.detection import parse_engine_args
+
+    try:
+        kwargs.update(parse_engine_args(args.engine_arg or []))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     return kwargs
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import stat
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from expert_profiles.composition import CompositionError, composed_name, split_names
 from expert_profiles.request_steering import PROFILE_DIR_ENV
-from expert_profiles.schema import NAME_PATTERN
+from expert_profiles.schema import is_profile_name
 
 logger = logging.getLogger("steermoe.serve")
 
@@ -38,15 +38,18 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Steering options of one server (everything but the admin token)."""
+    """What the steering layer runs with: the steering options (each described once, in
+    `server.serve_options.SteeringOptions`) checked and resolved, plus the served names of the
+    unlocked model. Everything but the admin token."""
 
     profiles_dir: str | None = None
-    # Served-model-name alias -> the profile every request to it runs with.
+    # locked served name -> its profile, or composition `A+B` (sorted names)
     endpoints: dict[str, str] = field(default_factory=dict)
+    # locked served name -> the profiles a client may add there (--endpoint-client-profiles)
+    endpoint_client_profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # The served names of the unlocked model (vLLM's --served-model-name, or the model path).
     base_names: tuple[str, ...] = ()
-    # Profiles clients may select; None: every profile not tagged `lowers-safety`.
-    client_profiles: tuple[str, ...] | None = None
+    client_profiles: tuple[str, ...] | None = None  # None: the default (--client-profiles)
     allow_inline_steering: bool = False
     allow_routing_capture: bool = False
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
@@ -56,13 +59,23 @@ class ServerConfig:
         if self.max_request_bytes <= 0:
             raise ConfigError("--max-request-bytes must be positive")
         for alias, profile in self.endpoints.items():
-            check_profile_name(profile, f"--endpoint {alias}")
+            check_profile_names(profile, f"--endpoint {alias}")
             if alias in self.base_names:
                 raise ConfigError(
                     f"--endpoint {alias}: the name is already a served name of the unlocked model"
                 )
         for name in self.client_profiles or ():
             check_profile_name(name, "--client-profiles")
+        for alias, names in self.endpoint_client_profiles.items():
+            option = f"--endpoint-client-profiles {alias}"
+            if alias not in self.endpoints:
+                raise ConfigError(f"{option}: {alias!r} is not a locked endpoint (--endpoint)")
+            for name in names:
+                check_profile_name(name, option)
+            locked = set(split_names(self.endpoints[alias]))
+            if locked & set(names):
+                raise ConfigError(f"{option}: {sorted(locked & set(names))[0]!r} is already "
+                                  "locked on the endpoint")
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -75,6 +88,8 @@ class ServerConfig:
     def to_json(self) -> str:
         data = asdict(self)
         data["base_names"] = list(self.base_names)
+        data["endpoint_client_profiles"] = {
+            alias: list(names) for alias, names in self.endpoint_client_profiles.items()}
         if self.client_profiles is not None:
             data["client_profiles"] = list(self.client_profiles)
         return json.dumps(data, sort_keys=True)
@@ -83,6 +98,9 @@ class ServerConfig:
     def from_json(cls, text: str) -> ServerConfig:
         data: dict[str, Any] = json.loads(text)
         data["base_names"] = tuple(data.get("base_names") or ())
+        data["endpoint_client_profiles"] = {
+            alias: tuple(names)
+            for alias, names in (data.get("endpoint_client_profiles") or {}).items()}
         if data.get("client_profiles") is not None:
             data["client_profiles"] = tuple(data["client_profiles"])
         return cls(**data)
@@ -97,20 +115,27 @@ class ServerConfig:
 
 
 def check_profile_name(name: str, option: str) -> None:
-    if not re.fullmatch(NAME_PATTERN, name):
+    if not is_profile_name(name):
         raise ConfigError(f"{option}: {name!r} is not a valid profile name")
 
 
+def check_profile_names(names: str, option: str) -> str:
+    """A profile name or composition `A+B` as its canonical name (sorted names)."""
+    try:
+        return composed_name(split_names(names))
+    except CompositionError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+
+
 def parse_endpoint(text: str) -> tuple[str, str]:
-    """`NAME=PROFILE` -> (served name, profile)."""
+    """`NAME=PROFILE` or `NAME=A+B` -> (served name, profile or canonical composition)."""
     alias, sep, profile = text.partition("=")
     alias, profile = alias.strip(), profile.strip()
     if not sep or not alias or not profile:
         raise ConfigError(f"--endpoint {text!r}: expected NAME=PROFILE")
     if any(ch.isspace() for ch in alias):
         raise ConfigError(f"--endpoint {text!r}: the served name must not contain spaces")
-    check_profile_name(profile, f"--endpoint {alias}")
-    return alias, profile
+    return alias, check_profile_names(profile, f"--endpoint {alias}")
 
 
 def parse_endpoints(values: list[str] | None) -> dict[str, str]:
@@ -121,6 +146,23 @@ def parse_endpoints(values: list[str] | None) -> dict[str, str]:
             raise ConfigError(f"--endpoint {alias} is given twice")
         endpoints[alias] = profile
     return endpoints
+
+
+def parse_endpoint_client_profiles(values: list[str] | None) -> dict[str, tuple[str, ...]]:
+    """`NAME=A,B` items -> {served name: (A, B)}."""
+    out: dict[str, tuple[str, ...]] = {}
+    for text in values or ():
+        alias, sep, names = text.partition("=")
+        alias = alias.strip()
+        if not sep or not alias:
+            raise ConfigError(f"--endpoint-client-profiles {text!r}: expected NAME=A,B")
+        if alias in out:
+            raise ConfigError(f"--endpoint-client-profiles {alias} is given twice")
+        listed = tuple(dict.fromkeys(part.strip() for part in names.split(",") if part.strip()))
+        for name in listed:
+            check_profile_name(name, f"--endpoint-client-profiles {alias}")
+        out[alias] = listed
+    return out
 
 
 def parse_client_profiles(text: str | None) -> tuple[str, ...] | None:

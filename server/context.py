@@ -8,7 +8,6 @@ from typing import Any, Protocol
 from expert_profiles import request_steering as rs
 from expert_profiles.model_shape import ModelShape
 from expert_profiles.schema import SteeringProfile
-from expert_profiles.store import PROFILE_SUFFIX, ProfileStore
 from server import vllm_server_compat as compat
 from server.audit import audit_logger
 from server.config import ServerConfig, admin_token_from_env
@@ -23,10 +22,6 @@ class ServedModel(Protocol):
 
     eps: float
 
-    def served_eps(self) -> float | None:
-        model = self._served_model()
-        return None if model is None else model.eps
-
     def served_shape(self) -> tuple[ModelShape | None, str | None]: ...
 
 
@@ -38,8 +33,10 @@ class SteeringContext:
                  metrics: SteeringMetrics | None = None):
         self.config = config
         self.admin_token = admin_token
+        # The profile directory, read through one store (and its cache): by requests, with
+        # statuses (`profiles`), and by the admin API (`store`; None without a directory).
         self.profiles = rs.ProfileCache(config.profiles_dir)
-        self.store = ProfileStore(config.profiles_dir) if config.profiles_dir else None
+        self.store = self.profiles.store
         self.policy = SteeringPolicy(config, self.profiles)
         self.metrics = metrics or steering_metrics()
         self.audit = audit_logger(config.audit_log)
@@ -71,8 +68,9 @@ class SteeringContext:
     def resolve(self, decision: SteeringDecision) -> rs.ResolvedSteering | None:
         """Check the decided steering against the served model; SteeringHTTPError if it fails.
 
-        A profile is read once per request: the copy the policy checked (or, for a locked
-        endpoint, read here), and its resolved expert sets are what the engine runs."""
+        A profile (each part of a composition) is read once per request: the copy the policy
+        checked (or, for a locked endpoint, read here), and its resolved expert sets are what
+        the engine runs."""
         if not decision.steered:
             return None
         model = self.served_model()
@@ -81,8 +79,8 @@ class SteeringContext:
         try:
             shape = rs.require_steerable(shape, reason)
             if decision.profile is not None:
-                profile = decision.loaded or self.policy.profile(decision.profile)
-                return rs.resolve_profile(profile, shape, model.eps)
+                profiles = decision.loaded or self.policy.load_profiles(decision.profile)
+                return rs.resolve_profiles(profiles, shape, model.eps)
             assert decision.inline is not None
             return rs.resolve_inline(decision.inline, shape, model.eps)
         except rs.SteeringRequestError as exc:
@@ -97,21 +95,9 @@ class SteeringContext:
             return {}, {}
         model = self._served_model()
         shape = model.served_shape()[0] if model is not None else None
-        key = (self._directory_signature(), shape)
+        key = (self.store.signature(), shape)
         if self._scan is None or self._scan[0] != key:
             profiles, errors = self.store.validate_all(shape)
             self._scan = (key, profiles, errors)
             self.metrics.set_profile_counts(len(profiles), len(errors))
         return self._scan[1], self._scan[2]
-
-    def _directory_signature(self) -> tuple[tuple[str, int, int], ...]:
-        assert self.store is not None
-        signature = []
-        for path in self.store.directory.glob(f"*{PROFILE_SUFFIX}"):
-            try:
-                stat = path.stat()
-            except OSError:  # gone, or unreadable: the scan reports it
-                signature.append((path.name, -1, -1))
-                continue
-            signature.append((path.name, stat.st_mtime_ns, stat.st_size))
-        return tuple(sorted(signature))

@@ -35,6 +35,7 @@ import logging
 import time
 from typing import Any
 
+from expert_profiles.echo import clip
 from server import vllm_server_compat as compat
 from server.asgi_io import (
     BodyTooLarge,
@@ -53,20 +54,19 @@ from server.asgi_io import (
     with_body_headers,
 )
 from server.context import SteeringContext
-from server.errors import SteeringHTTPError, anthropic_error_payload, clip, error_payload
+from server.errors import SteeringHTTPError, anthropic_error_payload, error_payload
 from server.profiles_api import PREFIX, ProfilesAPI
 from server.request_body import parse_json_object
 from server.request_record import CompletionTrace, record_completion
 from server.response_editor import MAX_ERROR_MESSAGE, ResponseEditor
 from server.responses_state import check_new_id, previous_response
 from server.routing_field import routing_field
-from server.steering_plan import (  # noqa: F401  (re-exported)
+from server.steering_plan import (
     check_other_body,
     plan_request,
     steering_field,
     steering_header,
     stored_steering,
-    unique_request_id,
 )
 
 logger = logging.getLogger("steermoe.server")

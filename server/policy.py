@@ -9,17 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from expert_profiles.composition import CompositionError, composed_name, split_names
+from expert_profiles.echo import clip
 from expert_profiles.request_steering import (
     CAPTURE_KEY,
     INLINE_KEY,
     PROFILE_KEY,
     ProfileCache,
+    RequestedSteering,
     SteeringRequestError,
 )
 from expert_profiles.schema import SteeringProfile
 from server.config import LOWERS_SAFETY_TAG, ServerConfig
-from server.errors import SteeringHTTPError, clip
-from server.request_body import RequestedSteering
+from server.errors import SteeringHTTPError
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,9 @@ class SteeringDecision:
     profile: str | None = None
     inline: dict[str, Any] | None = None
     capture: bool = False
-    # The profile as the policy read it: resolution uses this object, never a later read.
-    loaded: SteeringProfile | None = field(default=None, compare=False, repr=False)
+    # The profiles as the policy read them (one, or the parts of a composition `A+B`):
+    # resolution uses these objects, never a later read. Empty: not read yet (locked endpoints).
+    loaded: tuple[SteeringProfile, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def steered(self) -> bool:
@@ -40,7 +43,8 @@ class SteeringDecision:
 
     @property
     def label(self) -> str:
-        """`profile`'s name, `inline` or `none` (the profile label of metrics)."""
+        """`profile` (a name or composition), `inline` or `none` (the profile label of
+        metrics)."""
         if self.profile is not None:
             return self.profile
         return "inline" if self.inline is not None else "none"
@@ -71,10 +75,22 @@ class SteeringPolicy:
 
     def client_may_read(self, profile: SteeringProfile) -> bool:
         """Clients see the profiles they may select and those behind locked endpoints."""
-        return self.client_may_select(profile) or profile.name in self.config.endpoints.values()
+        return self.client_may_select(profile) or bool(self.endpoints_of(profile.name))
 
     def endpoints_of(self, profile_name: str) -> list[str]:
-        return [alias for alias, name in self.config.endpoints.items() if name == profile_name]
+        """The locked endpoints that run the profile, alone, composed or as a client add-on."""
+        config = self.config
+        return [alias for alias, composed in config.endpoints.items()
+                if profile_name in split_names(composed)
+                or profile_name in config.endpoint_client_profiles.get(alias, ())]
+
+    def load_profiles(self, composed: str) -> tuple[SteeringProfile, ...]:
+        """The stored profiles of a profile name or composition `A+B`."""
+        try:
+            names = split_names(composed)
+        except CompositionError as exc:
+            raise SteeringHTTPError(400, str(exc), param=PROFILE_KEY) from None
+        return tuple(self.profile(name) for name in names)
 
     def decide(self, model: str | None, requested: RequestedSteering) -> SteeringDecision:
         """The steering to apply for a request to served name `model`."""
@@ -97,27 +113,41 @@ class SteeringPolicy:
             return SteeringDecision(endpoint, inline=requested.inline, capture=requested.capture)
         if requested.profile is None:
             return SteeringDecision(endpoint, capture=requested.capture)
-        profile = self.profile(requested.profile)
-        if not self.client_may_select(profile):
-            raise SteeringHTTPError(
-                403, f"steering profile {profile.name!r} is not available to clients on this "
-                "server", param=PROFILE_KEY,
-            )
-        return SteeringDecision(endpoint, profile=profile.name, capture=requested.capture,
-                                loaded=profile)
+        profiles = self.load_profiles(requested.profile)
+        for profile in profiles:
+            if not self.client_may_select(profile):
+                raise SteeringHTTPError(
+                    403, f"steering profile {profile.name!r} is not available to clients on "
+                    "this server", param=PROFILE_KEY,
+                )
+        return SteeringDecision(endpoint, profile=requested.profile, capture=requested.capture,
+                                loaded=profiles)
 
     def _locked(self, endpoint: str | None, profile: str,
                 requested: RequestedSteering) -> SteeringDecision:
+        """A locked endpoint runs its profile (or composition); a request may add the profiles
+        the operator allows there (`--endpoint-client-profiles`), nothing else."""
         if requested.inline is not None:
             raise SteeringHTTPError(
                 403, f"endpoint {endpoint!r} always runs steering profile {profile!r}; "
                 "inline steering is not accepted here", param=INLINE_KEY,
             )
-        if requested.profile_given and requested.profile != profile:
-            action = ("turn steering off" if requested.profile is None
-                      else f"select profile '{clip(requested.profile)}'")
-            raise SteeringHTTPError(
-                403, f"endpoint {endpoint!r} always runs steering profile {profile!r}; a "
-                f"request cannot {action} on it", param=PROFILE_KEY,
-            )
-        return SteeringDecision(endpoint, locked=True, profile=profile, capture=requested.capture)
+        locked = split_names(profile)
+        names = set(locked)
+        if requested.profile_given:
+            added = [] if requested.profile is None else [
+                name for name in split_names(requested.profile) if name not in locked]
+            allowed = self.config.endpoint_client_profiles.get(endpoint or "", ())
+            refused = requested.profile is None or any(name not in allowed for name in added)
+            if refused:
+                action = ("turn steering off" if requested.profile is None
+                          else f"select profile '{clip(requested.profile)}'")
+                may_add = (f" (it may add {', '.join(repr(name) for name in allowed)})"
+                           if allowed else "")
+                raise SteeringHTTPError(
+                    403, f"endpoint {endpoint!r} always runs steering profile {profile!r}; a "
+                    f"request cannot {action} on it{may_add}", param=PROFILE_KEY,
+                )
+            names.update(added)
+        return SteeringDecision(endpoint, locked=True, profile=composed_name(names),
+                                capture=requested.capture)

@@ -9,12 +9,17 @@
 
 Every change goes through `ProfileStore` (atomic writes); requests see it on their next lookup.
 
-Routing (`route`): a path not in this table is 404; a `{name}` that is not a profile name
-(`NAME_PATTERN`: it also rules out `/`, `..`, NUL, non-ASCII and names over 64 characters) is
-400 before anything else is looked at; another method on a known path is 405 with an `Allow`
-header. Methods are matched exactly (HTTP methods are case-sensitive). HEAD and OPTIONS are not
-served (405, `Allow` lists only the methods above): nothing here needs them, and answering
-fewer methods leaves less to probe.
+Routing (`route`): the table above is a Starlette `Router` (`ROUTER`), one `Route` per path and
+method, named by its metric operation, with the handler as endpoint. A path no route matches is
+404; a `{name}` that is not a profile name (`is_profile_name`: it rules out `/`, `..`, NUL,
+non-ASCII and names over 64 characters) is 400 before anything else is looked at; another
+method on a known path is 405 with an `Allow` header. `{name}` takes the rest of the path
+(slashes and newlines too), so that such a name is refused as a name. Paths and methods are
+matched exactly (HTTP methods are case-sensitive; Starlette would also match a path with one
+more trailing newline, and answer HEAD where GET is served). HEAD and OPTIONS are not served
+(405, `Allow` lists only the methods above): nothing here needs them, and answering fewer
+methods leaves less to probe. The router is only matched, never run as an ASGI app: the
+steering layer reads the body (under its size limit) and answers every error in OpenAI's shape.
 
 Everything a client sent that appears in an answer (a method, a path, a name) goes through
 `server.errors.clip`; no answer names a filesystem path (store errors are logged instead).
@@ -27,17 +32,19 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
+from starlette.routing import Match, Route, Router
 
 from expert_profiles.request_steering import SteeringRequestError
 from expert_profiles.schema import (
-    NAME_PATTERN,
     ProfileMismatchError,
     SteeringProfile,
     describe_validation_error,
+    is_profile_name,
 )
 from expert_profiles.store import ProfileNotFoundError
 from server.context import SteeringContext
@@ -60,14 +67,6 @@ WRITE_OPERATIONS = frozenset({OP_PUT, OP_DELETE, OP_RELOAD})  # admin token
 if READ_OPERATIONS | WRITE_OPERATIONS | {OP_OTHER} != set(ADMIN_OPERATIONS):
     raise ImportError("server.profiles_api operations differ from metrics.ADMIN_OPERATIONS")
 
-# path -> {method: operation}; `{name}` paths use PROFILE_METHODS.
-FIXED_ROUTES: dict[str, dict[str, str]] = {
-    PROFILES: {"GET": OP_LIST},
-    RELOAD: {"POST": OP_RELOAD},
-    ENDPOINTS: {"GET": OP_ENDPOINTS},
-}
-PROFILE_METHODS: dict[str, str] = {"GET": OP_GET, "PUT": OP_PUT, "DELETE": OP_DELETE}
-
 # A PUT body nests at most this deep (a profile needs 3; `source` may add up to 32).
 MAX_BODY_DEPTH = 40
 # Longest composite detail (validation problems, model mismatches) put in an answer, so that
@@ -84,6 +83,22 @@ class APIResponse:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class AdminRequest:
+    """What a handler gets: the profile name of the path (if it has one), headers and body."""
+
+    name: str | None
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def profile_name(self) -> str:
+        """The `{name}` of the path (for the routes that have one)."""
+        if self.name is None:
+            raise TypeError("a route without {name} reached a profile handler")
+        return self.name
+
+
 def bearer_token(headers: dict[str, str]) -> str | None:
     scheme, _, token = headers.get("authorization", "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
@@ -97,10 +112,6 @@ def _same_secret(given: str, expected: str) -> bool:
 def quoted(value: object) -> str:
     """`'value'`, clipped: client input as it may appear in a message."""
     return f"'{clip(value)}'"
-
-
-def is_profile_name(name: object) -> bool:
-    return isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None
 
 
 def without_paths(text: str) -> str:
@@ -174,36 +185,14 @@ class ProfilesAPI:
 
     # ---- routing ----------------------------------------------------------------------------
 
-    @staticmethod
-    def _match(path: str) -> tuple[dict[str, str] | None, str | None]:
-        """(method -> operation of the path, profile name in it) or (None, None)."""
-        if path in FIXED_ROUTES:
-            return FIXED_ROUTES[path], None
-        if path.startswith(f"{PROFILES}/"):
-            return PROFILE_METHODS, path[len(PROFILES) + 1:]
-        return None, None
-
     @classmethod
     def route(cls, method: str, path: str) -> tuple[str, str | None]:
         """(operation, profile name or None) of a request, or SteeringHTTPError: 404 for an
         unknown path, 400 for a path whose name is not a profile name, 405 (with `Allow`) for
         another method. Needs neither the headers nor the body, so a caller may use it before
         reading the body."""
-        methods, name = cls._match(path)
-        if methods is None:
-            raise SteeringHTTPError(404, f"no such steering API path: {quoted(path)}")
-        if name is not None and not is_profile_name(name):
-            raise SteeringHTTPError(
-                400, f"invalid steering profile name {quoted(name)}: use 1-64 letters, digits, "
-                "'.', '_' or '-', starting with a letter or digit",
-            )
-        if method not in methods:
-            allowed = list(methods)
-            raise SteeringHTTPError(
-                405, f"method {quoted(method)} is not allowed here; use {' or '.join(allowed)}",
-                headers={"allow": ", ".join(allowed)},
-            )
-        return methods[method], name
+        found, name = _resolve(method, path)
+        return found.name, name
 
     @classmethod
     def operation_of(cls, method: str, path: str) -> str:
@@ -220,23 +209,12 @@ class ProfilesAPI:
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes,
                api_keys: list[str]) -> APIResponse:
         """Answer one request; raises SteeringHTTPError for every refusal."""
-        operation, name = self.route(method, path)
-        if operation in WRITE_OPERATIONS:
+        found, name = _resolve(method, path)
+        if found.name in WRITE_OPERATIONS:
             self.require_admin(headers)
         else:
             self.require_client(headers, api_keys)
-        if operation == OP_LIST:
-            return self.list_profiles(admin=self.is_admin(headers))
-        if operation == OP_ENDPOINTS:
-            return self.endpoints()
-        if operation == OP_RELOAD:
-            return self.reload()
-        assert name is not None
-        if operation == OP_GET:
-            return self.get_profile(name, admin=self.is_admin(headers))
-        if operation == OP_PUT:
-            return self.put_profile(name, body)
-        return self.delete_profile(name)
+        return found.endpoint(self, AdminRequest(name, headers, body))
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -260,7 +238,8 @@ class ProfilesAPI:
         return profiles, {without_paths(key): without_paths(message)
                           for key, message in errors.items()}
 
-    def list_profiles(self, admin: bool) -> APIResponse:
+    def list_profiles(self, request: AdminRequest) -> APIResponse:
+        admin = self.is_admin(request.headers)
         profiles, errors = self._scan()
         policy = self.context.policy
         visible = [p for p in profiles.values() if admin or policy.client_may_read(p)]
@@ -269,7 +248,8 @@ class ProfilesAPI:
             payload["errors"] = errors
         return APIResponse(200, payload)
 
-    def get_profile(self, name: str, admin: bool) -> APIResponse:
+    def get_profile(self, request: AdminRequest) -> APIResponse:
+        name, admin = request.profile_name, self.is_admin(request.headers)
         try:
             profile = self.context.profiles.get(name)
         except SteeringRequestError as exc:
@@ -284,11 +264,12 @@ class ProfilesAPI:
         data["profile"] = profile.model_dump(mode="json", exclude_none=True)
         return APIResponse(200, data)
 
-    def endpoints(self) -> APIResponse:
+    def endpoints(self, request: AdminRequest) -> APIResponse:
         config = self.context.config
         data = [{"id": name, "object": "steering_endpoint", "profile": None, "locked": False}
                 for name in config.base_names]
-        data += [{"id": alias, "object": "steering_endpoint", "profile": profile, "locked": True}
+        data += [{"id": alias, "object": "steering_endpoint", "profile": profile, "locked": True,
+                  "client_profiles": list(config.endpoint_client_profiles.get(alias, ()))}
                  for alias, profile in config.endpoints.items()]
         return APIResponse(200, {
             "object": "list",
@@ -305,7 +286,8 @@ class ProfilesAPI:
             raise SteeringHTTPError(409, "the server has no profile directory (--profiles)")
         return store
 
-    def put_profile(self, name: str, body: bytes) -> APIResponse:
+    def put_profile(self, request: AdminRequest) -> APIResponse:
+        name, body = request.profile_name, request.body
         if not is_profile_name(name):
             raise SteeringHTTPError(400, f"invalid steering profile name {quoted(name)}")
         store = self._store()
@@ -343,7 +325,8 @@ class ProfilesAPI:
         data["profile"] = profile.model_dump(mode="json", exclude_none=True)
         return APIResponse(201 if created else 200, data)
 
-    def delete_profile(self, name: str) -> APIResponse:
+    def delete_profile(self, request: AdminRequest) -> APIResponse:
+        name = request.profile_name
         if not is_profile_name(name):
             raise SteeringHTTPError(400, f"invalid steering profile name {quoted(name)}")
         store = self._store()
@@ -366,10 +349,72 @@ class ProfilesAPI:
         self.context.scan_profiles()
         return APIResponse(200, {"id": name, "object": "steering_profile", "deleted": True})
 
-    def reload(self) -> APIResponse:
+    def reload(self, request: AdminRequest) -> APIResponse:
         profiles, errors = self._scan()
         return APIResponse(200, {
             "object": "steering_profile_scan",
             "loaded": sorted(profiles),
             "errors": errors,
         })
+
+
+# ---- the routes -----------------------------------------------------------------------------
+
+
+class AdminRoute(Route):
+    """A Starlette `Route` for exactly one method, matched on the whole path.
+
+    Starlette anchors a route's pattern with `$`, which also matches before a final newline,
+    and serves HEAD wherever GET is; neither holds here."""
+
+    def __init__(self, path: str, method: str, handler: Callable[..., APIResponse],
+                 operation: str):
+        super().__init__(path, handler, methods=[method], name=operation)
+        self.methods = {method}
+        self.path_regex = re.compile(self.path_regex.pattern.removesuffix("$") + r"\Z",
+                                     re.DOTALL)
+
+
+# `{name:path}`: the rest of the path, whatever it holds (checked by `_resolve`).
+_PROFILE = f"{PROFILES}/{{name:path}}"
+ROUTER = Router(routes=[
+    AdminRoute(PROFILES, "GET", ProfilesAPI.list_profiles, OP_LIST),
+    AdminRoute(RELOAD, "POST", ProfilesAPI.reload, OP_RELOAD),
+    AdminRoute(ENDPOINTS, "GET", ProfilesAPI.endpoints, OP_ENDPOINTS),
+    AdminRoute(_PROFILE, "GET", ProfilesAPI.get_profile, OP_GET),
+    AdminRoute(_PROFILE, "PUT", ProfilesAPI.put_profile, OP_PUT),
+    AdminRoute(_PROFILE, "DELETE", ProfilesAPI.delete_profile, OP_DELETE),
+])
+if {route.name for route in ROUTER.routes} != READ_OPERATIONS | WRITE_OPERATIONS:
+    raise ImportError("server.profiles_api routes differ from its operations")
+
+
+def _resolve(method: str, path: str) -> tuple[AdminRoute, str | None]:
+    """The route of a request and the profile name in its path, or SteeringHTTPError (404,
+    then 400 for a bad name, then 405 with `Allow`; see `ProfilesAPI.route`)."""
+    scope = {"type": "http", "method": method, "path": path}
+    allowed: list[str] = []
+    found, params = None, None
+    for candidate in ROUTER.routes:
+        match, child = candidate.matches(scope)
+        if match is Match.NONE:
+            continue
+        params = child["path_params"]
+        if match is Match.FULL:
+            found = candidate
+            break
+        allowed += candidate.methods
+    if params is None:
+        raise SteeringHTTPError(404, f"no such steering API path: {quoted(path)}")
+    name = params.get("name")
+    if name is not None and not is_profile_name(name):
+        raise SteeringHTTPError(
+            400, f"invalid steering profile name {quoted(name)}: use 1-64 letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit",
+        )
+    if found is None:
+        raise SteeringHTTPError(
+            405, f"method {quoted(method)} is not allowed here; use {' or '.join(allowed)}",
+            headers={"allow": ", ".join(allowed)},
+        )
+    return found, name

@@ -4,14 +4,14 @@ The same for every steerable API (chat and text completions, Responses, Anthropi
 chat batches, SageMaker invocations, run-batch lines).
 
 A client asks for steering with top-level `steering_profile`, `steering` (inline expert sets)
-and `capture_routing`, or with the same keys inside vLLM's `vllm_xargs`. The rewritten body
-carries them only in `vllm_xargs`, in the form that field accepts (see `xargs_wire`).
+and `capture_routing`, or with the same keys inside vLLM's `vllm_xargs`; they are read by the
+parser the engine front end uses (`request_steering.parse_steering_fields`). The rewritten body
+carries them only in `vllm_xargs`, in the form that field accepts (strings and numbers).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from expert_profiles.request_steering import (
@@ -22,38 +22,21 @@ from expert_profiles.request_steering import (
     REQUEST_KEYS,
     RESERVED_KEYS,
     RESOLVED_KEY,
+    RequestedSteering,
     ResolvedSteering,
+    SteeringRequestError,
+    inline_to_wire,
+    parse_steering_fields,
     resolved_to_wire,
     steering_mark,
 )
 from server.errors import SteeringHTTPError
-from server.xargs_wire import encode_inline
 
 XARGS_KEY = "vllm_xargs"
-STEERING_KEYS = REQUEST_KEYS
 ARGS_CONTAINERS = (XARGS_KEY, "extra_args")
 # Deeper JSON than this is refused (no OpenAI request body comes near it).
 MAX_JSON_DEPTH = 64
 _MISSING = object()
-
-
-@dataclass(frozen=True)
-class RequestedSteering:
-    """What a request asked for; `profile_given` is true even for an explicit null."""
-
-    profile: str | None = None
-    profile_given: bool = False
-    inline: dict[str, Any] | None = None
-    capture: bool = False
-
-    @property
-    def asks_for_steering(self) -> bool:
-        return self.profile is not None or self.inline is not None
-
-    @property
-    def mentions_steering(self) -> bool:
-        """Whether the request said anything about steering (even `steering_profile: null`)."""
-        return self.profile_given or self.inline is not None
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -104,33 +87,11 @@ def _pick(key: str, top: Any, nested: Any) -> Any:
     return top
 
 
-def _as_inline(value: Any) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise SteeringHTTPError(
-                400, f"{INLINE_KEY!r} must be an object", param=INLINE_KEY
-            ) from None
-    if not isinstance(value, dict):
-        raise SteeringHTTPError(400, f"{INLINE_KEY!r} must be an object", param=INLINE_KEY)
-    return value
-
-
-def _as_capture(value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, bool):
-        return value
-    if type(value) is int and value in (0, 1):
-        return bool(value)
-    raise SteeringHTTPError(400, f"{CAPTURE_KEY!r} must be true or false", param=CAPTURE_KEY)
-
-
 def take_steering(body: dict[str, Any]) -> tuple[RequestedSteering, dict[str, Any]]:
-    """Split the steering fields off a completion body; returns (request, body without them)."""
+    """Split the steering fields off a completion body; returns (request, body without them).
+
+    A field may be at the top level or in `vllm_xargs` (the same value in both is fine);
+    `parse_steering_fields` reads what was given. Raises SteeringHTTPError (400)."""
     rest = dict(body)
     xargs = rest.get(XARGS_KEY)
     nested: dict[str, Any] = {}
@@ -143,31 +104,21 @@ def take_steering(body: dict[str, Any]) -> tuple[RequestedSteering, dict[str, An
                 400, f"{XARGS_KEY} key {reserved[0]!r} is reserved for the server",
                 param=XARGS_KEY,
             )
-        nested = {key: xargs[key] for key in STEERING_KEYS if key in xargs}
-        remaining = {key: value for key, value in xargs.items() if key not in STEERING_KEYS}
+        nested = {key: xargs[key] for key in REQUEST_KEYS if key in xargs}
+        remaining = {key: value for key, value in xargs.items() if key not in REQUEST_KEYS}
         if remaining:
             rest[XARGS_KEY] = remaining
         else:
             rest.pop(XARGS_KEY)
-    values = {
-        key: _pick(key, rest.pop(key, _MISSING), nested.get(key, _MISSING))
-        for key in STEERING_KEYS
-    }
-    profile = values[PROFILE_KEY]
-    if profile is not _MISSING and profile is not None and not isinstance(profile, str):
-        raise SteeringHTTPError(400, f"{PROFILE_KEY!r} must be a string", param=PROFILE_KEY)
-    inline_value = values[INLINE_KEY]
-    requested = RequestedSteering(
-        profile=None if profile is _MISSING else profile,
-        profile_given=profile is not _MISSING,
-        inline=None if inline_value is _MISSING else _as_inline(inline_value),
-        capture=False if values[CAPTURE_KEY] is _MISSING else _as_capture(values[CAPTURE_KEY]),
-    )
-    if requested.profile is not None and requested.inline is not None:
-        raise SteeringHTTPError(
-            400, f"give either {PROFILE_KEY!r} or {INLINE_KEY!r}, not both", param=INLINE_KEY
-        )
-    return requested, rest
+    fields = {}
+    for key in REQUEST_KEYS:
+        value = _pick(key, rest.pop(key, _MISSING), nested.get(key, _MISSING))
+        if value is not _MISSING:
+            fields[key] = value
+    try:
+        return parse_steering_fields(fields), rest
+    except SteeringRequestError as exc:
+        raise SteeringHTTPError(exc.status, str(exc), param=exc.param) from None
 
 
 def with_steering(body: dict[str, Any], profile: str | None, inline: dict[str, Any] | None,
@@ -187,7 +138,7 @@ def with_steering(body: dict[str, Any], profile: str | None, inline: dict[str, A
     elif profile is not None:
         steering[PROFILE_KEY] = profile
     elif inline is not None:
-        steering[INLINE_KEY] = encode_inline(inline)
+        steering[INLINE_KEY] = inline_to_wire(inline)
     if capture:
         steering[CAPTURE_KEY] = 1
     if steering and key is not None:
@@ -234,7 +185,7 @@ def contains_steering(body: dict[str, Any]) -> str | None:
     Used on paths other than the steerable APIs (`vllm_server_compat.STEERABLE_PATHS`).
     """
     for key in body:
-        if key in STEERING_KEYS or key in RESERVED_KEYS:
+        if key in REQUEST_KEYS or key in RESERVED_KEYS:
             return key
     return _nested_steering(body)
 
@@ -249,7 +200,7 @@ def _nested_steering(value: Any) -> str | None:
                     if not isinstance(child, dict):
                         return key
                     for inner in child:
-                        if inner in STEERING_KEYS or inner in RESERVED_KEYS:
+                        if inner in REQUEST_KEYS or inner in RESERVED_KEYS:
                             return inner
                 stack.append(child)
         elif isinstance(item, list):

@@ -7,13 +7,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from expert_profiles.request_steering import ResolvedSteering
+from expert_profiles.echo import MAX_ECHO, clip
+from expert_profiles.request_steering import RequestedSteering, ResolvedSteering
 from server import vllm_server_compat as compat
 from server.audit import AuditRecord, write_audit
 from server.context import SteeringContext
-from server.errors import MAX_ECHO, clip
 from server.policy import SteeringDecision
-from server.request_body import RequestedSteering
 
 MAX_LOGGED_ERROR = 300
 MAX_LOGGED_ID = 160

@@ -25,9 +25,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
+from expert_profiles.request_steering import RequestedSteering
 from server.config import ServerConfig
 from server.errors import SteeringHTTPError, clip
-from server.request_body import RequestedSteering
 
 MAX_RESPONSES = 65536
 PREVIOUS_KEY = "previous_response_id"
@@ -116,6 +116,8 @@ def continued(config: ServerConfig, previous_id: str, previous: StoredSteering,
     in `body` (a continuation of a locked response without `model`). 403 for a locked
     response continued under another name."""
     if previous.locked:
+        if not requested.mentions_steering:  # the profiles a client added there stay
+            requested = replace(previous.requested, capture=requested.capture)
         if model is None:
             body["model"] = previous.endpoint
             return previous.endpoint, requested

@@ -1,8 +1,9 @@
 """`steermoe serve MODEL [vllm serve options] [steering options]`: vLLM's server, steered.
 
-The steering options are taken out, checked, and passed to the API server process in the
-environment (`server.config`); everything else goes to `vllm serve` unchanged, plus the served
-names of the locked endpoints and `--middleware server.middleware.SteeringMiddleware`.
+The steering options (each defined once, in `server.serve_options`) are taken out, checked,
+and passed to the API server process in the environment (`server.config`); everything else
+goes to `vllm serve` unchanged, plus the served names of the locked endpoints and
+`--middleware server.middleware.SteeringMiddleware`.
 
 The admin token never comes from the command line (any user can read a process's arguments):
 `--admin-token-file FILE` or the environment variable `STEERMOE_ADMIN_TOKEN`; it reaches the API
@@ -19,24 +20,31 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from expert_profiles.composition import SEPARATOR, split_names
 from expert_profiles.directory import ProfileFileError
 from expert_profiles.model_shape import ModelShape, shape_from_hf_config
-from expert_profiles.request_steering import PROFILE_DIR_ENV
+from expert_profiles.request_steering import (
+    PROFILE_DIR_ENV,
+    SteeringRequestError,
+    default_eps,
+    resolve_profiles,
+)
 from expert_profiles.schema import ProfileMismatchError
 from expert_profiles.store import ProfileNotFoundError, ProfileStore
 from server import vllm_server_compat as compat
 from server.config import (
     ADMIN_TOKEN_ENV,
     CONFIG_ENV,
-    DEFAULT_MAX_REQUEST_BYTES,
     LOWERS_SAFETY_TAG,
     ConfigError,
     ServerConfig,
     admin_token_from_env,
     parse_client_profiles,
+    parse_endpoint_client_profiles,
     parse_endpoints,
     read_admin_token_file,
 )
+from server.serve_options import add_steering_options
 
 logger = logging.getLogger("steermoe.serve")
 
@@ -68,27 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     steering = parser.add_argument_group("steering")
-    steering.add_argument("--profiles", metavar="DIR",
-                          help="directory of steering profiles (NAME.json)")
-    steering.add_argument("--endpoint", action="append", metavar="NAME=PROFILE",
-                          help="serve NAME as a model that always runs PROFILE (repeatable)")
-    steering.add_argument("--client-profiles", metavar="A,B",
-                          help="profiles clients may select ('none' for none; default: every "
-                          f"profile not tagged {LOWERS_SAFETY_TAG})")
-    steering.add_argument("--allow-inline-steering", action="store_true",
-                          help="let requests give expert sets inline (`steering`)")
-    steering.add_argument("--allow-routing-capture", action="store_true",
-                          help="let requests ask for their routing (`capture_routing`)")
-    steering.add_argument("--admin-token-file", metavar="FILE",
-                          help="file holding the bearer token of the profile admin API (or env "
-                          f"{ADMIN_TOKEN_ENV}; neither: admin API disabled)")
+    add_steering_options(steering)
     # Only to refuse it with a clear message (and not pass the token on to vLLM).
     steering.add_argument("--admin-token", "--admin_token", dest="refused_admin_token",
                           nargs="?", const="", help=argparse.SUPPRESS)
-    steering.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                          metavar="N", help="largest request body accepted (default: %(default)s)")
-    steering.add_argument("--audit-log", metavar="FILE",
-                          help="also append the audit lines of steered requests to FILE")
     passed = parser.add_argument_group("vllm serve options read here (and passed on)")
     passed.add_argument("--model", dest="model_option", help=argparse.SUPPRESS)
     passed.add_argument("--served-model-name", "--served_model_name", nargs="+", metavar="NAME",
@@ -115,6 +106,23 @@ def _local_shape(model: str) -> ModelShape | None:
         return None
 
 
+def _check_endpoint_profile(store: ProfileStore, alias: str, name: str,
+                            shape: ModelShape | None, directory: str) -> None:
+    try:
+        profile = store.get(name)
+        if shape is not None:
+            profile.check_model(shape)
+    except ProfileNotFoundError:
+        raise ConfigError(f"--endpoint {alias}: no profile {name!r} in {directory}") from None
+    except (ProfileFileError, ProfileMismatchError) as exc:
+        # An invalid file (bad JSON, a schema error such as a profile that selects no
+        # experts) or a profile for another model: the endpoint could never be served.
+        raise ConfigError(f"--endpoint {alias}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"--endpoint {alias}: cannot read profile {name!r}: "
+                          f"{exc.strerror or exc}") from None
+
+
 def check_profiles(config: ServerConfig, model: str) -> None:
     """Fail early on locked endpoints whose profile is missing, broken or for another model."""
     if config.endpoints and config.profiles_dir is None:
@@ -123,21 +131,15 @@ def check_profiles(config: ServerConfig, model: str) -> None:
         return
     store = ProfileStore(config.profiles_dir)
     shape = _local_shape(model)
-    for alias, name in config.endpoints.items():
-        try:
-            profile = store.get(name)
-            if shape is not None:
-                profile.check_model(shape)
-        except ProfileNotFoundError:
-            raise ConfigError(f"--endpoint {alias}: no profile {name!r} in "
-                              f"{config.profiles_dir}") from None
-        except (ProfileFileError, ProfileMismatchError) as exc:
-            # An invalid file (bad JSON, a schema error such as a profile that selects no
-            # experts) or a profile for another model: the endpoint could never be served.
-            raise ConfigError(f"--endpoint {alias}: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"--endpoint {alias}: cannot read profile {name!r}: "
-                              f"{exc.strerror or exc}") from None
+    for alias, composed in config.endpoints.items():
+        for name in split_names(composed):
+            _check_endpoint_profile(store, alias, name, shape, config.profiles_dir)
+        if shape is not None and SEPARATOR in composed:
+            try:
+                resolve_profiles([store.get(name) for name in split_names(composed)], shape,
+                                 default_eps())
+            except SteeringRequestError as exc:
+                raise ConfigError(f"--endpoint {alias}: {exc}") from None
     for name in config.client_profiles or ():
         try:
             present = store.exists(name)
@@ -169,6 +171,7 @@ def steering_config(args: argparse.Namespace, model: str) -> ServerConfig:
     config = ServerConfig(
         profiles_dir=profiles_dir,
         endpoints=parse_endpoints(args.endpoint),
+        endpoint_client_profiles=parse_endpoint_client_profiles(args.endpoint_client_profiles),
         base_names=tuple(args.served_model_name or [model]),
         client_profiles=parse_client_profiles(args.client_profiles),
         allow_inline_steering=args.allow_inline_steering,

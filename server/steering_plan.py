@@ -17,14 +17,19 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from expert_profiles.request_steering import CAPTURE_KEY, ResolvedSteering, server_key
+from expert_profiles.echo import clip
+from expert_profiles.request_steering import (
+    CAPTURE_KEY,
+    RequestedSteering,
+    ResolvedSteering,
+    server_key,
+)
 from server import vllm_server_compat as compat
 from server.config import ServerConfig
 from server.context import SteeringContext
-from server.errors import SteeringHTTPError, clip
+from server.errors import SteeringHTTPError
 from server.policy import SteeringDecision
 from server.request_body import (
-    RequestedSteering,
     capture_problem,
     contains_steering,
     take_steering,
@@ -178,7 +183,7 @@ def stored_steering(trace: CompletionTrace, served_names: tuple[str, ...]) -> St
     """What a served Responses request leaves for its continuations and retrievals."""
     decision, resolved = trace.decision, trace.resolved
     inherited = RequestedSteering()
-    if decision is not None and not decision.locked:
+    if decision is not None:
         if decision.profile is not None:
             inherited = RequestedSteering(profile=decision.profile, profile_given=True)
         elif decision.inline is not None and resolved is not None:

@@ -10,7 +10,8 @@ and 0.32.0 (`entrypoints/launchers/app.py`, `entrypoints/serve/middleware/regist
   own middleware, so it is the outermost one (it sees requests before vLLM's API-key check);
 - `--served-model-name A B ...` gives one engine several names, all listed by `/v1/models`;
 - `app.state.engine_client` (an `AsyncLLM`) and `app.state.args` are set before serving;
-  Starlette puts the app in `scope["app"]`;
+  Starlette puts the app in `scope["app"]`; `AsyncLLM.input_processor` is the engine's
+  `InputProcessor`, which holds the plugin's front end (`frontend_steering`);
 - API keys: `args.api_key`, else env `VLLM_API_KEY`; vLLM guards paths under /v1, /v2,
   /inference (and /cohere in 0.32);
 - the engine request id of a chat completion is the response `id` (`chatcmpl-...`), of prompt
@@ -50,13 +51,14 @@ The other generating APIs (checked in 0.32.0, `entrypoints/openai/responses`,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from expert_profiles.model_shape import ModelShape
@@ -197,11 +199,18 @@ class BatchRunner:
             validate(args)
         return args
 
-    def engine_client(self, args: Any) -> Any:
-        """An async context manager giving the engine client (the engine runs inside it)."""
+    @contextlib.asynccontextmanager
+    async def engine_client(self, args: Any) -> AsyncIterator[Any]:
+        """An async context manager giving the engine client (the engine runs inside it);
+        the process serves it while it runs."""
         from vllm.usage.usage_lib import UsageContext
 
-        return self._build(args, usage_context=UsageContext.OPENAI_BATCH_RUNNER)
+        async with self._build(args, usage_context=UsageContext.OPENAI_BATCH_RUNNER) as client:
+            SERVED.client = client
+            try:
+                yield client
+            finally:
+                SERVED.client = None
 
     async def run(self, engine_client: Any, args: Any) -> None:
         """vLLM's own run over `args.input_file`, written to `args.output_file`."""
@@ -209,7 +218,10 @@ class BatchRunner:
 
 
 def app_of(scope: dict[str, Any]) -> Any:
-    return scope.get("app")
+    app = scope.get("app")
+    if app is not None:
+        SERVED.app = app
+    return app
 
 
 def engine_client(scope: dict[str, Any]) -> Any:
@@ -343,11 +355,34 @@ def responses_store_enabled() -> bool:
         return False
 
 
-def frontend_steering() -> Any:
-    """The plugin's `FrontendSteering` of this process (None until the engine client exists)."""
-    from vllm_patches.vllm_compat import frontend
+class ServedEngine:
+    """The engine client this process serves (one per API server process): under `vllm
+    serve`, vLLM's app holds it (`app.state.engine_client`); the app is taken from the first
+    request's scope that `app_of` reads (the steering middleware reads it, for the API keys,
+    before it steers any request). Under `steermoe run-batch`, `BatchRunner.engine_client`
+    builds it."""
 
-    return frontend()
+    def __init__(self) -> None:
+        self.app: Any = None
+        self.client: Any = None
+
+    def engine_client(self) -> Any:
+        if self.client is not None:
+            return self.client
+        return getattr(getattr(self.app, "state", None), "engine_client", None)
+
+
+SERVED = ServedEngine()
+
+
+def frontend_steering(client: Any = None) -> Any:
+    """The plugin's `FrontendSteering` of the engine behind `client` (default: the engine
+    client this process serves): the one its input processor holds (`AsyncLLM.input_processor`,
+    0.26 and 0.32). None until the engine client exists, or without the plugin."""
+    from vllm_patches.vllm_compat.frontend_hooks import frontend_of
+
+    client = client if client is not None else SERVED.engine_client()
+    return frontend_of(getattr(client, "input_processor", None))
 
 
 def served_shape() -> tuple[ModelShape | None, str | None] | None:

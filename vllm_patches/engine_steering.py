@@ -1,10 +1,12 @@
 """Worker-side steering of one engine: the table, the recorder, and what each MoE layer calls.
 
-`vllm_compat` builds one `EngineSteering` per model runner after the model is loaded, attaches
-a `LayerSteering` to every MoE layer, and calls `forget` (finished and newly scheduled request
-ids), then `prepare_step` / `finish_step` around each forward pass with plain data (request
-ids, token counts, positions). Nothing a request carries makes these raise: a request whose
-steering or capture cannot be used runs without it, with an error logged. No vLLM import here.
+`vllm_compat.worker_hooks` builds one `EngineSteering` per model runner after the model is
+loaded, attaches a `LayerSteering` to every MoE layer (how: its router kind, `routers`), and
+calls `forget` (finished and newly scheduled request ids), then `prepare_step` /
+`finish_step` around each forward pass with plain data (request ids, token counts,
+positions). Nothing a request carries makes these raise: a request whose steering or capture
+cannot be used runs without it, with an error logged. No vLLM import here. All state is this
+engine's: the ops find it again by layer name (`steering_ops`).
 """
 
 from __future__ import annotations
@@ -55,74 +57,49 @@ def _idle(active: bool, tensor: torch.Tensor) -> bool:
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-class LayerSteering:
-    """Attached to one MoE layer: edits its router logits and records its routing."""
+DEFAULT_LAYER_NAME = "model.layers.{layer}.mlp.experts"
 
-    def __init__(self, table: SteeringTable, recorder: RoutingRecorder, layer: int):
+
+class LayerSteering:
+    """Attached to one MoE layer: edits its router logits and records its routing.
+
+    The registered ops it calls find it again by `layer_name` (the name vLLM registers the MoE
+    layer under for its own custom ops), and read the step flags of its engine (`flags`) and,
+    for correction-bias routers, the layer's `rerouter` there.
+    """
+
+    def __init__(self, table: SteeringTable, recorder: RoutingRecorder, layer: int,
+                 flags: steering_ops.StepFlags, layer_name: str | None = None):
         self.layer = layer
+        self.layer_name = layer_name or DEFAULT_LAYER_NAME.format(layer=layer)
+        self.flags = flags
         self.token_profiles = table.token_profiles
         self.masks = table.layer_masks(layer)
         self.eps = table.eps
         self.record = recorder.buffer[recorder.moe_layers.index(layer)]
+        # Routes steered rows again (correction-bias routers: routers.sigmoid_bias_grouped).
+        self.rerouter: Callable[..., None] | None = None
 
     def steer(self, router_logits: torch.Tensor) -> torch.Tensor:
-        if _idle(steering_ops.FLAGS.steering_active, router_logits):
+        if _idle(self.flags.steering_active, router_logits):
             return router_logits
         torch.ops.steermoe.steer_router_logits_(
-            router_logits, self.token_profiles, self.masks, self.eps
+            router_logits, self.token_profiles, self.masks, self.eps, self.layer_name
         )
         return router_logits
 
     def capture(self, topk_ids: torch.Tensor) -> None:
-        if _idle(steering_ops.FLAGS.recording, topk_ids):
+        if _idle(self.flags.recording, topk_ids):
             return
-        torch.ops.steermoe.record_routing_(self.record, topk_ids)
+        torch.ops.steermoe.record_routing_(self.record, topk_ids, self.layer_name)
 
     def reroute(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 hidden_states: torch.Tensor, router_logits: torch.Tensor) -> None:
-        if _idle(steering_ops.FLAGS.steering_active, router_logits):
+        if _idle(self.flags.steering_active, router_logits):
             return
         torch.ops.steermoe.reroute_steered_(
-            topk_weights, topk_ids, hidden_states, router_logits, self.layer
+            topk_weights, topk_ids, hidden_states, router_logits, self.layer_name
         )
-
-
-# Added to / subtracted from the correction bias of forced / forbidden experts. Router scores
-# are in [0, 1] (sigmoid) so this decides selection, and group scores too.
-FORCING_BIAS = 1.0e4
-
-RouteFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-class BiasedRerouter:
-    """Exact steering for routers that select on score + correction bias (DeepSeek-V3 family).
-
-    There, the logit edit alone cannot guarantee selection: the bias, added for selection only,
-    can outweigh any sigmoid score. Steered rows are therefore routed again by the model's own
-    routing function with the bias raised by FORCING_BIAS for activated experts and lowered for
-    deactivated ones (one call per profile in the step). Selection (and group selection) is
-    thereby forced; the weights stay the model's: the scores of the edited logits, where an
-    activated expert has the highest affinity of the token, renormalised and scaled as usual.
-    """
-
-    def __init__(self, layer_steering: LayerSteering, bias: torch.Tensor, route: RouteFn):
-        self.steering = layer_steering
-        self.bias = bias
-        self.route = route
-
-    def __call__(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                 hidden_states: torch.Tensor, router_logits: torch.Tensor) -> None:
-        tokens = router_logits.shape[0]
-        profiles = self.steering.token_profiles[:tokens].long()
-        masks = self.steering.masks
-        touched = masks[profiles].ne(0).any(dim=1)
-        for profile in profiles[touched].unique().tolist():
-            rows = (profiles == profile).nonzero().squeeze(1)
-            mask = masks[profile].to(self.bias.dtype)
-            bias = self.bias + FORCING_BIAS * mask
-            weights, ids = self.route(hidden_states[rows], router_logits[rows], bias)
-            topk_weights[rows] = weights.to(topk_weights.dtype)
-            topk_ids[rows] = ids.to(topk_ids.dtype)
 
 
 def steering_of(extra_args: dict[str, Any] | None, req_id: str = "?") -> ResolvedSteering | None:
@@ -178,11 +155,14 @@ class EngineSteering:
         self.table = SteeringTable(layer_ids, num_experts, max_tokens, max_slots, device,
                                    top_k=top_k, model_layers=self.model_layers)
         self.recorder = RoutingRecorder(layer_ids, top_k, max_tokens, device, clock=clock)
+        # What the ops read on the host for this engine's step (set by prepare_step).
+        self.flags = steering_ops.StepFlags()
         self._capture_ids: dict[str, str | None] = {}
         self._capture_owner: dict[str, str] = {}
 
-    def layer_hook(self, layer: int) -> LayerSteering:
-        return LayerSteering(self.table, self.recorder, layer)
+    def layer_hook(self, layer: int, layer_name: str | None = None) -> LayerSteering:
+        """The steering of MoE layer `layer`, registered in vLLM under `layer_name`."""
+        return LayerSteering(self.table, self.recorder, layer, self.flags, layer_name)
 
     def forget(self, req_ids: Iterable[str]) -> None:
         """Drop all per-request state of `req_ids`: finished requests, and newly scheduled
@@ -243,8 +223,8 @@ class EngineSteering:
                 entries.append((capture_id, start, int(count), int(first)))
             start += int(count)
         self.recorder.plan_step(entries)
-        steering_ops.FLAGS.steering_active = self.table.steering_active
-        steering_ops.FLAGS.recording = self.recorder.recording
+        self.flags.steering_active = self.table.steering_active
+        self.flags.recording = self.recorder.recording
 
     def finish_step(self) -> None:
         """After the forward pass: collect recorded routing (per request, never raises for
@@ -252,8 +232,8 @@ class EngineSteering:
         try:
             self.recorder.collect_step()
         finally:
-            steering_ops.FLAGS.steering_active = False
-            steering_ops.FLAGS.recording = False
+            self.flags.steering_active = False
+            self.flags.recording = False
 
     def describe(self) -> dict[str, Any]:
         """What steering is checked against: the model's MoE layers, experts, top-k."""

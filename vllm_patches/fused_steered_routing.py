@@ -19,8 +19,9 @@ vLLM's own `_compute_routing` unchanged (outside a CUDA-graph capture; a graph h
 kernel, which reads the per-token profile index on the device).
 
 Everything else keeps today's path: CPU engines, correction-bias routers (re-routed by
-`vllm_compat`), custom routing functions (PhiMoE), sigmoid scoring, layers whose logits are
-gathered across ranks before routing (naive DP/EP dispatch, prefill context parallel).
+`routers.sigmoid_bias_grouped`), custom routing functions (PhiMoE), sigmoid scoring, layers
+whose logits are gathered across ranks before routing (naive DP/EP dispatch, prefill context
+parallel).
 
 Triton cannot load a compiled kernel while a stream is being captured, and the hooks skip
 their kernels on idle steps, so nothing would otherwise compile a kernel before vLLM captures
@@ -45,12 +46,14 @@ from typing import Any
 
 import torch
 
-from vllm_patches import fused_routing, steering_ops
+from vllm_patches import fused_routing, routers
+from vllm_patches.vllm_compat.layer_lookup import STEERING_ATTR
 
 logger = logging.getLogger("steermoe")
 
 FUSED_ROUTING_ENV = "STEERMOE_FUSED_ROUTING"
-FUSED_ROUTERS = ("FusedTopKRouter", "GroupedTopKRouter")
+# The router classes the fused kernel computes exactly (per router kind: `routers`).
+FUSED_ROUTERS = routers.fused_routers()
 _ON = ("1", "true", "yes", "on")
 _OFF = ("", "0", "false", "no", "off")
 EDIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -140,6 +143,16 @@ class FusedLayerRouting:
         self.warm: set[tuple[Any, ...]] = set()
         self.torch_fallbacks = 0
 
+    # What the registered ops read (they find this object on the layer by its name).
+
+    @property
+    def flags(self) -> Any:
+        return self.hook.flags
+
+    @property
+    def rerouter(self) -> Any:
+        return self.hook.rerouter
+
     # ---- the edit hook's interface (MoERunner._maybe_dispatch / BaseRouter.capture_fn) ----
 
     def _routes_here(self) -> bool:
@@ -171,7 +184,7 @@ class FusedLayerRouting:
     def compute_routing(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
                         indices_type: torch.dtype | None, *,
                         input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        flags = steering_ops.FLAGS
+        flags = self.hook.flags
         capturing = _capturing(router_logits)
         top_k = int(self.router.top_k)
         num_tokens, num_cols = router_logits.shape
@@ -250,6 +263,6 @@ def install_fused_routing(module: Any, layer_steering: Any, *, require_cuda: boo
                                 backend=backend, padding_mask=_padding_mask_fn())
     router._compute_routing = routing.compute_routing
     router.set_capture_fn(routing.capture)
-    module._steermoe = routing
+    setattr(module, STEERING_ATTR, routing)
     logger.debug("steermoe: layer %d routes with the fused steered top-k", layer_steering.layer)
     return True

@@ -304,7 +304,7 @@ async def fetch_routing_async(engine_client: Any, request_ids: Sequence[str]) ->
 ]:
     """`fetch_routing` for an `AsyncLLM` engine client (the OpenAI server's engine); asks every
     data-parallel engine, since a request may have run on any."""
-    from vllm_patches.vllm_compat import collective_rpc_every_engine
+    from vllm_patches.vllm_compat.engine_rpc import collective_rpc_every_engine
 
     results = await collective_rpc_every_engine(engine_client, TAKE_METHOD,
                                                 (list(request_ids),))
@@ -318,7 +318,7 @@ def discard_routing(engine: Any, request_ids: Sequence[str]) -> None:
 
 async def discard_routing_async(engine_client: Any, request_ids: Sequence[str]) -> None:
     """`discard_routing` for an `AsyncLLM` engine client (a failed or abandoned request)."""
-    from vllm_patches.vllm_compat import collective_rpc_every_engine
+    from vllm_patches.vllm_compat.engine_rpc import collective_rpc_every_engine
 
     await collective_rpc_every_engine(engine_client, DISCARD_METHOD, (list(request_ids),))
 

@@ -7,41 +7,41 @@ returns nothing. They skip all work on steps where nothing is steered (nothing r
 except while a CUDA graph is being captured: the graph must hold the kernel, whose per-token
 profile index then decides on the device. They are defined with `torch.library.Library`
 directly (a few microseconds a call, where `torch.library.custom_op` costs tens).
+
+State is per engine, never in this module: each op takes the name vLLM registered the MoE
+layer under (`layer_name`, as vLLM's own `moe_forward` does) and finds the layer's steering in
+the forward context of the step being run (`vllm_compat.layer_lookup`); that steering holds
+its engine's `StepFlags` and, for correction-bias routers, the layer's re-route. So several
+engines in one process stay independent, and the name is a constant in a compiled graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from vllm_patches import steering_math
+from vllm_patches.vllm_compat.layer_lookup import steering_of_layer
 
 
 @dataclass
 class StepFlags:
-    """Host-side facts about the step being run, set by the model-runner hook."""
+    """Host-side facts about the step one engine is running, set by its model-runner hook."""
 
     steering_active: bool = False
     recording: bool = False
 
 
-FLAGS = StepFlags()
-
-# Routers that add a per-expert correction bias before selection (DeepSeek-V3 family) register
-# here, by decoder layer, the function that re-routes their steered rows (engine_steering).
-BIASED_REROUTES: dict[int, Callable[..., None]] = {}
-
 _LIB = torch.library.Library("steermoe", "FRAGMENT")
 _LIB.define(
     "steer_router_logits_(Tensor(a!) router_logits, Tensor token_profiles, Tensor layer_masks,"
-    " Tensor eps) -> ()"
+    " Tensor eps, str layer_name) -> ()"
 )
-_LIB.define("record_routing_(Tensor(a!) record, Tensor topk_ids) -> ()")
+_LIB.define("record_routing_(Tensor(a!) record, Tensor topk_ids, str layer_name) -> ()")
 _LIB.define(
     "reroute_steered_(Tensor(a!) topk_weights, Tensor(b!) topk_ids, Tensor hidden_states,"
-    " Tensor router_logits, int layer) -> ()"
+    " Tensor router_logits, str layer_name) -> ()"
 )
 
 
@@ -49,30 +49,37 @@ def _capturing_graph(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _steer_router_logits_cpu(router_logits, token_profiles, layer_masks, eps) -> None:
+def _flags(layer_name: str) -> StepFlags:
+    return steering_of_layer(layer_name).flags
+
+
+def _steer_router_logits_cpu(router_logits, token_profiles, layer_masks, eps,
+                             layer_name) -> None:
     """Apply each token's activate/deactivate mask to its router logits, in place."""
-    if FLAGS.steering_active:
+    if _flags(layer_name).steering_active:
         steering_math.steer_router_logits_(router_logits, token_profiles, layer_masks, eps)
 
 
-def _steer_router_logits_cuda(router_logits, token_profiles, layer_masks, eps) -> None:
-    if not (FLAGS.steering_active or _capturing_graph(router_logits)):
+def _steer_router_logits_cuda(router_logits, token_profiles, layer_masks, eps,
+                              layer_name) -> None:
+    if not (_capturing_graph(router_logits) or _flags(layer_name).steering_active):
         return
     from vllm_patches.triton_steering import steer_router_logits_triton
 
     steer_router_logits_triton(router_logits, token_profiles, layer_masks, eps, out=router_logits)
 
 
-def _record_routing(record, topk_ids) -> None:
+def _record_routing(record, topk_ids, layer_name) -> None:
     """Copy one layer's top-k expert ids into its rows of the capture buffer."""
-    if FLAGS.recording or _capturing_graph(record):
+    if _capturing_graph(record) or _flags(layer_name).recording:
         record[: topk_ids.shape[0], : topk_ids.shape[1]].copy_(topk_ids)
 
 
-def _reroute_steered(topk_weights, topk_ids, hidden_states, router_logits, layer) -> None:
-    """Replace the routing of steered rows of a biased router (see BiasedRerouter)."""
-    if FLAGS.steering_active:
-        BIASED_REROUTES[layer](topk_weights, topk_ids, hidden_states, router_logits)
+def _reroute_steered(topk_weights, topk_ids, hidden_states, router_logits, layer_name) -> None:
+    """Replace the routing of steered rows of a biased router (routers.sigmoid_bias_grouped)."""
+    steering = steering_of_layer(layer_name)
+    if steering.flags.steering_active:
+        steering.rerouter(topk_weights, topk_ids, hidden_states, router_logits)
 
 
 _LIB.impl("steer_router_logits_", _steer_router_logits_cpu, "CPU")

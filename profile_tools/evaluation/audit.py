@@ -212,27 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine_kwargs(items: list[str]) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--engine-arg wants KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `steermoe audit` with argv (without the leading 'audit')."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from profile_tools.detection import parse_engine_args
+
     try:
         steps = [int(x) for x in args.steps.split(",") if x.strip()]
         items = load_prompts(args.prompts)
         judge = rule_judge(args.judge)
-        kwargs = _engine_kwargs(args.engine_arg)
+        kwargs = parse_engine_args(args.engine_arg or [])
     except (PromptSetError, ValueError) as exc:
         print(f"steermoe audit: error: {exc}", file=sys.stderr)
         return 1

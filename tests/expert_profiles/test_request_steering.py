@@ -13,11 +13,14 @@ from expert_profiles.model_shape import ModelShape
 from expert_profiles.request_steering import (
     ModelNotSteerableError,
     ProfileCache,
+    RequestedSteering,
     ResolvedSteering,
     SteeringRequestError,
     UnknownProfileError,
     check_mark,
     default_eps,
+    inline_to_wire,
+    parse_steering_fields,
     resolve_request,
     salted,
     steering_mark,
@@ -60,6 +63,70 @@ def cache(tmp_path) -> ProfileCache:
 
 def resolve(extra_args, cache, shape=SHAPE, eps=EPS, reason=None):
     return resolve_request(extra_args, shape, cache, eps, reason)
+
+
+# ---- parse_steering_fields: the one parser of the steering fields --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, RequestedSteering()),
+        ({"other": 1, "steermoe": "x"}, RequestedSteering()),
+        ({"steering_profile": "safety"}, RequestedSteering(profile="safety", profile_given=True)),
+        ({"steering_profile": None}, RequestedSteering(profile_given=True)),
+        ({"steering": None}, RequestedSteering()),
+        ({"steering": {"activate": {"3": [1]}}},
+         RequestedSteering(inline={"activate": {"3": [1]}})),
+        ({"steering": '{"activate": {"3": [1]}}'},
+         RequestedSteering(inline={"activate": {"3": [1]}})),
+        ({"steering": "{}"}, RequestedSteering(inline={})),
+        ({"capture_routing": True}, RequestedSteering(capture=True)),
+        ({"capture_routing": 1}, RequestedSteering(capture=True)),
+        ({"capture_routing": 0}, RequestedSteering()),
+        ({"steering_profile": None, "steering": {"eps": 1}},
+         RequestedSteering(profile_given=True, inline={"eps": 1})),
+    ],
+)
+def test_read_steering(fields, expected):
+    assert parse_steering_fields(fields) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"steering_profile": 3}, "steering_profile", "'steering_profile' must be a string"),
+        ({"steering_profile": {"a": 1}}, "steering_profile", "'steering_profile' must be a string"),
+        ({"steering_profile": ["a", 3]}, "steering_profile", "invalid steering profile name"),
+        ({"steering_profile": "a+a"}, "steering_profile", "profile 'a' is named twice"),
+        ({"steering_profile": ["a", "a"]}, "steering_profile", "profile 'a' is named twice"),
+        ({"steering_profile": []}, "steering_profile", "the list of profiles is empty"),
+        ({"steering_profile": "a+"}, "steering_profile", "invalid steering profile name"),
+        ({"steering_profile": "+".join("abcdefghi")}, "steering_profile", "at most 8 profiles"),
+        ({"steering": [1]}, "steering", "'steering' must be an object (or its JSON text)"),
+        ({"steering": "null"}, "steering", "'steering' must be an object (or its JSON text)"),
+        ({"steering": "[1]"}, "steering", "'steering' must be an object (or its JSON text)"),
+        ({"steering": "[" * 100_000}, "steering", "'steering' must be an object"),
+        ({"steering": "9" * 5000}, "steering", "'steering' must be an object"),
+        ({"capture_routing": None}, "capture_routing", "'capture_routing' must be true or false"),
+        ({"capture_routing": 2}, "capture_routing", "'capture_routing' must be true or false"),
+        ({"capture_routing": 1.0}, "capture_routing", "'capture_routing' must be true or false"),
+        ({"capture_routing": "1"}, "capture_routing", "'capture_routing' must be true or false"),
+        ({"steering_profile": "a", "steering": {}}, "steering", "not both"),
+        ({"steering_profile": "a", "steering": "{}"}, "steering", "not both"),
+    ],
+)
+def test_read_steering_refuses(fields, param, message):
+    with pytest.raises(SteeringRequestError) as info:
+        parse_steering_fields(fields)
+    assert info.value.status == 400 and info.value.code == "invalid_steering"
+    assert info.value.param == param and message in str(info.value)
+
+
+def test_inline_wire_form_reads_back():
+    inline = {"deactivate": {"5": [7]}, "activate": {"3": [40, 12]}, "eps": 0.5}
+    text = inline_to_wire(inline)
+    assert isinstance(text, str) and parse_steering_fields({"steering": text}).inline == inline
 
 
 # ---- nothing asked -----------------------------------------------------------------------------
@@ -179,12 +246,12 @@ def test_name_with_trailing_newline_is_400(cache):
     assert info.value.status == 400
 
 
-@pytest.mark.parametrize("name", [3, ["safety"], {"name": "safety"}, True])
-def test_profile_name_must_be_a_string(cache, name):
+@pytest.mark.parametrize("name", [3, {"name": "safety"}, True, 1.5])
+def test_profile_name_must_be_a_string_or_a_list(cache, name):
     with pytest.raises(SteeringRequestError) as info:
         resolve({"steering_profile": name}, cache)
     assert info.value.status == 400
-    assert str(info.value) == "'steering_profile' must be a string"
+    assert str(info.value).startswith("'steering_profile' must be a string")
 
 
 def test_invalid_profile_file_is_500(tmp_path):
@@ -245,7 +312,7 @@ def test_cache_forgets_a_deleted_file(tmp_path):
     path.unlink()
     with pytest.raises(UnknownProfileError):
         resolve({"steering_profile": "p"}, cache)
-    assert "p" not in cache._entries
+    assert "p" not in cache.store._cache
     write_profile(tmp_path, "p", activate={"2": [9]}, deactivate={})
     assert resolve({"steering_profile": "p"}, cache).activate == {2: [9]}
 

@@ -21,6 +21,7 @@ from expert_profiles.schema import (
     SteeringProfile,
     _ranges,
     describe_validation_error,
+    is_profile_name,
 )
 
 OLMOE = {"architecture": "OlmoeForCausalLM", "num_layers": 16, "num_experts": 64, "top_k": 8}
@@ -298,6 +299,7 @@ def test_profile_minimal():
 )
 def test_good_names(name):
     assert SteeringProfile.model_validate(profile_data(name=name)).name == name
+    assert is_profile_name(name)
 
 
 @pytest.mark.parametrize(
@@ -325,6 +327,12 @@ def test_bad_names_are_refused(name):
     with pytest.raises(ValidationError) as info:
         SteeringProfile.model_validate(profile_data(name=name))
     assert info.value.errors()[0]["loc"] == ("name",)
+    assert not is_profile_name(name)
+
+
+@pytest.mark.parametrize("name", [None, 3, b"safety", ["safety"]])
+def test_a_profile_name_is_a_string(name):
+    assert not is_profile_name(name)
 
 
 def test_name_is_required():

@@ -56,6 +56,44 @@ def test_put_get_list_roundtrip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["safety.json"], "temp file left behind"
 
 
+def test_get_cached_reads_a_file_again_only_when_it_changed(tmp_path):
+    store = ProfileStore(tmp_path)
+    store.put(make_profile("p", 1))
+    first = store.get_cached("p")
+    assert first == make_profile("p", 1) and store.get_cached("p") is first
+    store.put(make_profile("p", 2), overwrite=True)  # atomic: a new file
+    assert store.get_cached("p").activate == {3: [2]}
+    store.delete("p")
+    with pytest.raises(ProfileNotFoundError):
+        store.get_cached("p")
+    with pytest.raises(InvalidProfileNameError):
+        store.get_cached("../p")
+
+
+def test_get_cached_takes_a_dangling_link_for_no_profile(tmp_path):
+    """What requests see (404), where `get` (tools, start-up) reports the entry as unusable."""
+    store = ProfileStore(tmp_path)
+    (tmp_path / "gone.json").symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(ProfileNotFoundError):
+        store.get_cached("gone")
+    with pytest.raises(ProfileFileError):
+        store.get("gone")
+
+
+def test_signature_changes_with_the_profile_files_only(tmp_path):
+    store = ProfileStore(tmp_path)
+    assert store.signature() == ()
+    store.put(make_profile("p", 1))
+    first = store.signature()
+    assert [entry[0] for entry in first] == ["p.json"]
+    store.put_stats("p", small_stats())
+    assert store.signature() == first
+    store.put(make_profile("p", 2), overwrite=True)
+    assert store.signature() != first
+    (tmp_path / "gone.json").symlink_to(tmp_path / "nowhere.json")
+    assert ("gone.json", -1, -1) in store.signature()
+
+
 def test_put_refuses_to_overwrite_unless_asked(tmp_path):
     store = ProfileStore(tmp_path)
     store.put(make_profile("p", 1))
@@ -329,6 +367,10 @@ def test_get_reports_an_unusable_entry_and_delete_removes_it(tmp_path):
     for name in names:
         error, _ = _run_with_deadline(lambda name=name: store.get(name))
         assert isinstance(error, ProfileFileError), (name, error)
+        assert str(tmp_path) not in str(error)
+        error, _ = _run_with_deadline(lambda name=name: store.get_cached(name))
+        expected = ProfileNotFoundError if name == "dangling" else ProfileFileError
+        assert isinstance(error, expected), (name, error)
         assert str(tmp_path) not in str(error)
     for name in names:
         if name == "dir":

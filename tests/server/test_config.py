@@ -15,6 +15,7 @@ from server.config import (
     admin_token_from_env,
     parse_client_profiles,
     parse_endpoint,
+    parse_endpoint_client_profiles,
     parse_endpoints,
     read_admin_token_file,
 )
@@ -131,3 +132,27 @@ def test_admin_token_file_that_is_not_a_regular_file(tmp_path):
         read_admin_token_file("/dev/zero")
     with pytest.raises(ConfigError, match="cannot open"):
         read_admin_token_file(tmp_path / "missing")
+
+
+def test_an_endpoint_may_lock_a_composition():
+    assert parse_endpoint("m-both=safety+concise") == ("m-both", "concise+safety")
+    for bad in ("m=safety+", "m=safety+safety", "m=a+bad name"):
+        with pytest.raises(ConfigError, match="--endpoint m"):
+            parse_endpoint(bad)
+
+
+def test_endpoint_client_profiles():
+    assert parse_endpoint_client_profiles(["m-safe=concise, formal,concise"]) == {
+        "m-safe": ("concise", "formal")}
+    assert parse_endpoint_client_profiles(["m-safe="]) == {"m-safe": ()}
+    for bad in (["concise"], ["=concise"], ["m=ok,not ok"], ["m=a", "m=b"]):
+        with pytest.raises(ConfigError, match="--endpoint-client-profiles"):
+            parse_endpoint_client_profiles(bad)
+    config = ServerConfig(endpoints={"m-safe": "safety"}, base_names=("m",),
+                          endpoint_client_profiles={"m-safe": ("concise",)})
+    assert ServerConfig.from_json(config.to_json()) == config
+    with pytest.raises(ConfigError, match="not a locked endpoint"):
+        ServerConfig(endpoints={"m-safe": "safety"}, endpoint_client_profiles={"m": ("a",)})
+    with pytest.raises(ConfigError, match="already locked"):
+        ServerConfig(endpoints={"m-safe": "safety"},
+                     endpoint_client_profiles={"m-safe": ("safety",)})

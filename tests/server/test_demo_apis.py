@@ -1,7 +1,8 @@
 """The demo model's visible behaviours through every steerable API of a real `steermoe serve`:
 the `words` profile answers arithmetic in number words, `demo-safe` refuses the made-up
 restricted topics. Responses (OpenAI SDK), Anthropic Messages (Anthropic SDK), chat batches
-and SageMaker `/invocations`; a stored response's continuation keeps its steering.
+and SageMaker `/invocations`; a stored response's continuation keeps its steering. Composed
+profiles (`safety+words`) in one batch with others, and a client's addition on `demo-safe`.
 
 The demo is built and its profiles detected once (cached with the other checkpoints; ~2 min
 the first time, see tests/profile_tools/test_demo_server.py).
@@ -9,6 +10,7 @@ the first time, see tests/profile_tools/test_demo_server.py).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,8 @@ def demo(checkpoint_root: Path, tmp_path_factory) -> dict[str, Any]:
     model_dir, _ = prepare(root)
     log = tmp_path_factory.mktemp("demo_apis") / "server.log"
     env = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
-    with steermoe_server(model_dir, steering_args(root), log, env=env) as server, \
+    args = [*steering_args(root), "--endpoint-client-profiles", f"{SAFE_ENDPOINT}=words"]
+    with steermoe_server(model_dir, args, log, env=env) as server, \
             httpx.Client(base_url=server.base_url, timeout=120) as http:
         yield {
             "oai": openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none",
@@ -43,6 +46,7 @@ def demo(checkpoint_root: Path, tmp_path_factory) -> dict[str, Any]:
             "claude": anthropic.Anthropic(base_url=server.base_url, api_key="none",
                                           max_retries=0, timeout=120),
             "http": http,
+            "log": log,
         }
 
 
@@ -136,3 +140,74 @@ def test_invocations(demo):
         "model": SAFE_ENDPOINT, "messages": [{"role": "user", "content": RESTRICTED}],
         "max_tokens": 32, "temperature": 0})
     assert task.is_refusal(safe.json()["choices"][0]["message"]["content"])
+
+
+def chat(demo, text: str, model: str = SERVED_NAME, **extra: Any) -> httpx.Response:
+    return demo["http"].post("/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 32,
+        "temperature": 0, **extra})
+
+
+def test_composed_profiles_in_one_batch_with_others(demo):
+    asks = [  # (text, model, steering_profile or absent)
+        (RESTRICTED, SERVED_NAME, "safety+words"), (ARITHMETIC, SERVED_NAME, ["words", "safety"]),
+        (BENIGN, SERVED_NAME, "words+safety"), (ARITHMETIC, SERVED_NAME, "words"),
+        (RESTRICTED, SERVED_NAME, None), (ARITHMETIC, SERVED_NAME, None),
+    ] * 3
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(
+            lambda a: chat(demo, a[0], a[1], **({} if a[2] is None else
+                                                {"steering_profile": a[2]})), asks))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    texts = [r.json()["choices"][0]["message"]["content"] for r in answers]
+    headers = [r.headers["x-steermoe-steering"] for r in answers]
+    for (text, _, profile), answer, header in zip(asks, texts, headers, strict=True):
+        if profile is None:
+            assert header == "none"
+            assert not task.is_refusal(answer)
+            if text == ARITHMETIC:
+                assert style(answer) == "digits"
+        elif profile == "words":
+            assert answer == "the result is thirteen."
+        else:  # composed: refuses the restricted topic, answers the rest, numbers in words
+            assert header.startswith("profile=safety+words; endpoint=demo; digest=")
+            if text == RESTRICTED:
+                assert task.is_refusal(answer), answer
+            elif text == BENIGN:
+                assert task.is_answered(answer), answer
+            else:
+                assert answer == "the result is thirteen."
+    digests = {h.rsplit("digest=", 1)[1] for h in headers if "digest=" in h}
+    assert len(digests) == 2  # words, and the composition's own
+    body = answers[0].json()
+    assert body["steering"]["profile"] == "safety+words"
+    audit = [line for line in demo["log"].read_text().splitlines()
+             if '"profile":"safety+words"' in line]
+    assert len(audit) >= 9
+
+
+def test_conflicting_profiles_are_refused(demo):
+    refused = chat(demo, ARITHMETIC, steering_profile=["words", "digits"])
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "steering_profile"
+    assert "'digits' and 'words' conflict" in error["message"] or \
+        "'words' and 'digits' conflict" in error["message"]
+    assert chat(demo, ARITHMETIC, steering_profile="words+nope").status_code == 404
+    assert chat(demo, ARITHMETIC, steering_profile="words+words").status_code == 400
+
+
+def test_a_client_adds_an_allowed_profile_on_the_locked_endpoint(demo):
+    added = chat(demo, ARITHMETIC, SAFE_ENDPOINT, steering_profile="words")
+    assert added.status_code == 200, added.text
+    assert style(added.json()["choices"][0]["message"]["content"]) == "words"
+    assert added.headers["x-steermoe-steering"].startswith(
+        f"profile=safety+words; endpoint={SAFE_ENDPOINT}; ")
+    restricted = chat(demo, RESTRICTED, SAFE_ENDPOINT, steering_profile="words")
+    assert task.is_refusal(restricted.json()["choices"][0]["message"]["content"])
+    refused = chat(demo, ARITHMETIC, SAFE_ENDPOINT, steering_profile="digits")
+    assert refused.status_code == 403
+    assert "it may add 'words'" in refused.json()["error"]["message"]
+    listed = demo["http"].get("/v1/steering/endpoints").json()["data"]
+    assert {"id": SAFE_ENDPOINT, "profile": "safety", "client_profiles": ["words"]}.items() <= \
+        next(e for e in listed if e["id"] == SAFE_ENDPOINT).items()

@@ -163,6 +163,10 @@ def test_capture_gets_a_unique_request_id(profiles):
     ({}, {"steering_profile": "missing"}, 404),
     ({"allow_inline_steering": True}, {"steering": {"activate": {"1": [1, 2, 3]}}}, 400),
     ({}, {"steering_profile": "safety", "use_beam_search": True}, 400),
+    # inline steering as JSON text too deep, or with a number too long, to parse
+    ({}, {"steering": "[" * 100_000}, 400),
+    ({}, {"vllm_xargs": {"steering": "9" * 5000}}, 400),
+    ({}, {"capture_routing": None}, 400),
 ])
 def test_refused_requests_never_reach_vllm(profiles, options, body, status):
     app, inner = make_app(profiles, **options)
@@ -293,6 +297,24 @@ def test_admin_writes_go_through_the_store(profiles):
     assert "fresh" in {entry["id"] for entry in listing["data"]}
     assert request(app, "DELETE", "/v1/steering/profiles/fresh", headers=auth).status_code == 200
     assert not (profiles / "fresh.json").exists()
+
+
+def test_admin_writes_reach_requests_through_one_store(profiles):
+    """The admin API and requests read the directory through one ProfileStore (one cache):
+    a replaced profile steers the next request, a deleted one is unknown to it."""
+    app, inner = make_app(profiles)
+    assert app.context.store is app.context.profiles.store
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    steer = {"model": "m", "prompt": "hi", "steering_profile": "concise"}
+    first = request(app, "POST", "/v1/completions", json=steer).json()["steering"]["digest"]
+    assert request(app, "PUT", "/v1/steering/profiles/concise", headers=auth,
+                   json={"model": MODEL, "activate": {"3": [7]}}).status_code == 200
+    second = request(app, "POST", "/v1/completions", json=steer).json()["steering"]["digest"]
+    assert second != first
+    assert forwarded(inner)["vllm_xargs"] == {"steering_profile": "concise"}
+    assert request(app, "DELETE", "/v1/steering/profiles/concise", headers=auth).status_code \
+        == 200
+    assert request(app, "POST", "/v1/completions", json=steer).status_code == 404
 
 
 def test_vllm_api_keys_guard_steering_paths(profiles, monkeypatch):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from expert_profiles.request_steering import ProfileCache
+from expert_profiles.request_steering import ProfileCache, RequestedSteering
 from server.config import ServerConfig
 from server.errors import SteeringHTTPError
 from server.policy import SteeringDecision, SteeringPolicy
-from server.request_body import RequestedSteering
 from tests.server.server_process import write_profile
 
 MODEL = {"architecture": "Qwen3MoeForCausalLM", "num_layers": 4, "num_experts": 8, "top_k": 2}
@@ -89,3 +88,43 @@ def test_who_reads_what(profiles):
     assert rules.client_may_read(cache.get("concise"))
     assert not rules.client_may_read(cache.get("unsafe"))
     assert rules.endpoints_of("safety") == ["m-safe"]
+
+
+def test_a_composition_needs_every_part_selectable(profiles):
+    rules = policy(profiles)
+    decision = rules.decide("m", ask(profile="safety+concise"))
+    assert decision.profile == "safety+concise" and decision.label == "safety+concise"
+    assert [p.name for p in decision.loaded] == ["concise", "safety"]
+    assert status_of(rules, "m", ask(profile="concise+unsafe")) == 403  # lowers-safety part
+    assert status_of(rules, "m", ask(profile="concise+missing")) == 404
+
+
+def composed_policy(profiles, **options) -> SteeringPolicy:
+    config = ServerConfig(profiles_dir=str(profiles), base_names=("m",),
+                          endpoints={"m-safe": "safety", "m-both": "concise+safety"},
+                          endpoint_client_profiles={"m-safe": ("concise",)}, **options)
+    return SteeringPolicy(config, ProfileCache(profiles))
+
+
+def test_a_locked_endpoint_takes_only_the_allowed_additions(profiles):
+    rules = composed_policy(profiles, client_profiles=())
+    assert rules.decide("m-safe", ask()).profile == "safety"
+    added = rules.decide("m-safe", ask(profile="concise"))
+    assert added == SteeringDecision("m-safe", locked=True, profile="concise+safety")
+    assert rules.decide("m-safe", ask(profile="safety+concise")).profile == "concise+safety"
+    with pytest.raises(SteeringHTTPError) as caught:
+        rules.decide("m-safe", ask(profile="unsafe"))
+    assert caught.value.status == 403
+    assert "cannot select profile 'unsafe' on it (it may add 'concise')" in caught.value.message
+    for requested in (ask(profile=None), ask(profile="concise+unsafe"), ask(inline=INLINE)):
+        assert status_of(rules, "m-safe", requested) == 403
+
+
+def test_a_locked_composition(profiles):
+    rules = composed_policy(profiles)
+    assert rules.decide("m-both", ask()).profile == "concise+safety"
+    assert rules.decide("m-both", ask(profile="safety")).profile == "concise+safety"
+    assert status_of(rules, "m-both", ask(profile="unsafe")) == 403
+    assert rules.endpoints_of("concise") == ["m-safe", "m-both"]
+    assert rules.endpoints_of("safety") == ["m-safe", "m-both"]
+    assert rules.endpoints_of("unsafe") == []

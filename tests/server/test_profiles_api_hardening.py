@@ -18,6 +18,7 @@ from server.profiles_api import (
     ENDPOINTS,
     PROFILES,
     RELOAD,
+    ROUTER,
     ProfilesAPI,
     parse_json_body,
     without_paths,
@@ -131,6 +132,24 @@ def test_head_is_refused_like_any_other_method(api):
     error = refusal(api, "HEAD", f"{PROFILES}/safety")
     assert error.status == 405 and error.headers["allow"] == "GET, PUT, DELETE"
     assert error.message == "method 'HEAD' is not allowed here; use GET or PUT or DELETE"
+
+
+def test_the_routes_are_the_documented_paths_and_methods():
+    routes = {(route.path, method, route.name) for route in ROUTER.routes
+              for method in route.methods}
+    name = f"{PROFILES}/{{name:path}}"
+    assert routes == {(PROFILES, "GET", "list"), (RELOAD, "POST", "reload"),
+                      (ENDPOINTS, "GET", "endpoints"), (name, "GET", "get"),
+                      (name, "PUT", "put"), (name, "DELETE", "delete")}
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", f"{PROFILES}\n", 404), ("GET", f"{ENDPOINTS}\n", 404), ("POST", f"{RELOAD}\n", 404),
+    ("GET", f"{PROFILES}/safety\n", 400), ("DELETE", f"{PROFILES}/safety\r\n", 400),
+])
+def test_a_trailing_newline_is_part_of_the_path(api, method, path, status):
+    assert refusal(api, method, path).status == status
+    assert api.operation_of(method, path) == "other"
 
 
 @pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "a/../../etc/passwd", "nul\x00",

@@ -6,9 +6,14 @@ import json
 
 import pytest
 
+from expert_profiles.request_steering import (
+    RequestedSteering,
+    SteeringRequestError,
+    parse_steering_fields,
+    wants_capture,
+)
 from server.errors import SteeringHTTPError
 from server.request_body import (
-    RequestedSteering,
     capture_problem,
     contains_steering,
     parse_json_object,
@@ -75,6 +80,43 @@ def test_malformed_steering_is_400(body):
     with pytest.raises(SteeringHTTPError) as caught:
         take_steering(body)
     assert caught.value.status == 400
+
+
+FIELD_CASES = [
+    {"steering_profile": "safety"},
+    {"steering_profile": None},
+    {"steering_profile": 3},
+    {"steering": INLINE},
+    {"steering": json.dumps(INLINE)},
+    {"steering": "null"},
+    {"steering": "[" * 5000},
+    {"steering": None},
+    {"capture_routing": 1},
+    {"capture_routing": None},
+    {"capture_routing": "1"},
+    {"steering_profile": "a", "steering": json.dumps(INLINE)},
+    {"steering_profile": 3, "steering": INLINE, "capture_routing": 2},
+]
+
+
+def _outcome(read, fields):
+    try:
+        return read(fields)
+    except SteeringHTTPError as exc:
+        return (exc.status, exc.message, exc.param)
+    except SteeringRequestError as exc:
+        return (exc.status, str(exc), exc.param)
+
+
+@pytest.mark.parametrize("fields", FIELD_CASES)
+def test_the_steering_layer_and_the_engine_front_end_read_fields_alike(fields):
+    """One parser: what the layer accepts (top level or in vllm_xargs), the front end reads
+    the same way from `extra_args`, and what one refuses, the other refuses alike."""
+    engine = _outcome(parse_steering_fields, fields)
+    assert _outcome(lambda f: take_steering(f)[0], fields) == engine
+    assert _outcome(lambda f: take_steering({"vllm_xargs": f})[0], fields) == engine
+    if isinstance(engine, RequestedSteering):
+        assert wants_capture(fields) is engine.capture
 
 
 def test_with_steering_writes_the_xargs_wire_form():

@@ -8,13 +8,12 @@ import pytest
 
 from expert_profiles import request_steering as rs
 from expert_profiles.model_shape import ModelShape
-from server import xargs_wire
 
 SHAPE = ModelShape("Qwen3MoeForCausalLM", 4, 8, 2, (0, 1, 2, 3))
 
 
 def test_the_resolver_reads_the_wire_forms():
-    wire = {"steering": xargs_wire.encode_inline({"activate": {"1": [2]}}), "capture_routing": 1}
+    wire = {"steering": rs.inline_to_wire({"activate": {"1": [2]}}), "capture_routing": 1}
     resolved = rs.resolve_request(wire, SHAPE, rs.ProfileCache(None), 0.01)
     assert resolved is not None and resolved.activate == {1: [2]}
     assert rs.wants_capture(wire) is True
@@ -26,7 +25,7 @@ def test_the_resolver_reads_the_wire_forms():
 
 
 def _front_end():
-    from vllm_patches.vllm_compat import FrontendSteering
+    from vllm_patches.vllm_compat.frontend_hooks import FrontendSteering
 
     front = FrontendSteering.__new__(FrontendSteering)
     front.served_shape = lambda: (SHAPE, None)
@@ -36,7 +35,7 @@ def _front_end():
 
 
 def test_front_end_resolves_the_wire_form():
-    params = SimpleNamespace(extra_args={"steering": xargs_wire.encode_inline(
+    params = SimpleNamespace(extra_args={"steering": rs.inline_to_wire(
         {"activate": {"1": [2]}}), "capture_routing": 1})
     request = SimpleNamespace(sampling_params=params, request_id="r-1", cache_salt=None)
     _front_end().apply(request)

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from expert_profiles.request_steering import ResolvedSteering
-from vllm_patches import steering_ops
 from vllm_patches.engine_steering import EngineSteering, MoELayerInfo
 
 E, K, GROUPS, KEEP_GROUPS, SCALE, LAYER = 16, 4, 4, 2, 2.5, 3
@@ -64,7 +63,8 @@ def _device(router) -> torch.device:
 
 @pytest.fixture
 def steered_layer(router):
-    from vllm_patches.vllm_compat import _reroute_biased
+    from vllm_patches.routers.sigmoid_bias_grouped import reroute_biased as _reroute_biased
+    from vllm_patches.vllm_compat.layer_lookup import forward_context_of
 
     engine = EngineSteering(
         [MoELayerInfo(layer=LAYER, num_experts=E, top_k=K, router=type(router).__name__)],
@@ -73,9 +73,8 @@ def steered_layer(router):
     hook = engine.layer_hook(LAYER)
     module = SimpleNamespace(router=router)
     _reroute_biased(module, hook)
-    yield engine, hook, router
-    steering_ops.FLAGS.steering_active = False
-    steering_ops.BIASED_REROUTES.pop(LAYER, None)
+    with forward_context_of(hook):
+        yield engine, hook, router
 
 
 def _logits(rows: int, seed: int, router) -> torch.Tensor:
@@ -146,7 +145,7 @@ def test_forced_selection_beats_the_bias(steered_layer):
     assert torch.equal(got_ids, want_ids)
     torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
 
-    steering_ops.FLAGS.steering_active = False
+    engine.flags.steering_active = False
     base_w, base_ids = router._compute_routing(_hidden(tokens, router), logits[plain], None)
     assert torch.equal(ids[plain], base_ids) and torch.equal(weights[plain], base_w)
 

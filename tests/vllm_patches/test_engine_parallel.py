@@ -72,7 +72,7 @@ def _run_layout(checkpoint: Path, profiles: Path, layout: dict[str, Any],
                 steerings: dict[str, Any]) -> dict[str, Any]:
     from vllm import SamplingParams
 
-    from vllm_patches import vllm_compat
+    from vllm_patches.vllm_compat.frontend_hooks import frontend_of
 
     extra = {
         "plain": {},
@@ -86,7 +86,7 @@ def _run_layout(checkpoint: Path, profiles: Path, layout: dict[str, Any],
     missing = profiles.parent / "no-profiles-here"
     with env(**TWO_RANKS), running_llm(checkpoint, missing, enable_prefix_caching=True,
                                        block_size=BLOCK, **layout) as llm:
-        front = vllm_compat.frontend()
+        front = frontend_of(llm.llm_engine.input_processor)
         assert front.profiles.directory == missing  # what the workers were started with
         front.profiles = rs.ProfileCache(profiles)  # the front end alone reads profiles
         rounds = []

@@ -29,16 +29,8 @@ from tests.vllm_patches.test_steering_table import (
     steer,
     step,
 )
-from vllm_patches import steering_ops
 from vllm_patches.routing_capture import RoutingRecord
 from vllm_patches.steering_table import applicable_problem
-
-
-@pytest.fixture(autouse=True)
-def reset_flags():
-    yield
-    steering_ops.FLAGS.steering_active = False
-    steering_ops.FLAGS.recording = False
 
 
 def errors(caplog) -> list[str]:
@@ -267,7 +259,7 @@ def test_a_failing_record_does_not_fail_the_step(monkeypatch, caplog):
 
     monkeypatch.setattr(engine.recorder, "_write", write)
     engine.finish_step()
-    assert steering_ops.FLAGS.recording is False
+    assert engine.flags.recording is False
     assert sorted(engine.recorder.take(["a", "b"])) == ["b"]
     assert "recording the routing of 'a' failed" in caplog.text
 

@@ -23,10 +23,10 @@ import pytest  # noqa: E402
 
 from expert_profiles.request_steering import ResolvedSteering  # noqa: E402
 from vllm_patches import fused_steered_routing as fsr  # noqa: E402
-from vllm_patches import steering_ops  # noqa: E402
 from vllm_patches.engine_steering import EngineSteering, MoELayerInfo  # noqa: E402
 from vllm_patches.fused_routing import route_softmax_topk, triton_available  # noqa: E402
 from vllm_patches.steering_math import steer_router_logits  # noqa: E402
+from vllm_patches.vllm_compat.layer_lookup import forward_context_of  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -42,12 +42,16 @@ BACKENDS = [
 ]
 
 
+# The MoE layers the ops find by name (the forward context of each test).
+LAYERS: dict = {}
+
+
 @pytest.fixture(autouse=True)
 def _clean_flags(monkeypatch):
     monkeypatch.delenv(fsr.FUSED_ROUTING_ENV, raising=False)
-    yield
-    steering_ops.FLAGS.steering_active = False
-    steering_ops.FLAGS.recording = False
+    with forward_context_of(layers=LAYERS):
+        yield
+    LAYERS.clear()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,9 @@ def _engine(num_experts=E, top_k=K):
                       router="FusedTopKRouter")],
         max_tokens=64, max_slots=4, device=torch.device(DEVICE),
     )
-    return engine, engine.layer_hook(LAYER)
+    hook = engine.layer_hook(LAYER)
+    LAYERS[hook.layer_name] = SimpleNamespace(_steermoe=hook)
+    return engine, hook
 
 
 def _module(router, *, monolithic=False, **extra):
@@ -93,6 +99,7 @@ def _fused_topk_layer(router_classes, renormalize=True, **module_extra):
     engine, hook = _engine()
     module = _module(router, **module_extra)
     module._steermoe = hook
+    LAYERS[hook.layer_name] = module
     router.set_capture_fn(hook.capture)
     return engine, hook, module, router
 
@@ -200,7 +207,7 @@ def test_recording_is_written_by_the_routing(router_classes, monkeypatch, backen
     engine, hook, module, router = _fused_topk_layer(router_classes)
     assert fsr.install_fused_routing(module, hook, require_cuda=False, backend=backend)
     hook.record.fill_(-1)
-    steering_ops.FLAGS.recording = True
+    engine.flags.recording = True
     logits = torch.randn(10, E, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     _, ids = router.select_experts(torch.zeros(10, 16, device=DEVICE), logits)
     assert torch.equal(hook.record[:10], ids.int())

@@ -31,6 +31,8 @@ from vllm_patches.routing_capture import (
     take_answer,
 )
 from vllm_patches.steering_table import SteeringTable, StepPlan
+from vllm_patches.vllm_compat import worker_hooks
+from vllm_patches.vllm_compat.layer_lookup import forward_context_of
 
 CPU = torch.device("cpu")
 MODEL_LAYERS = [1, 2, 4, 5]  # decoder layers 0 and 3 are dense
@@ -39,11 +41,15 @@ NUM_EXPERTS = 8
 TOP_K = 2
 
 
-@pytest.fixture(autouse=True)
-def reset_flags():
-    yield
-    steering_ops.FLAGS.steering_active = False
-    steering_ops.FLAGS.recording = False
+LAYER_NAME = "model.layers.1.mlp.experts"
+
+
+@pytest.fixture
+def flags():
+    """The step flags of one engine, whose MoE layer the ops find as LAYER_NAME."""
+    flags = steering_ops.StepFlags()
+    with forward_context_of(SimpleNamespace(layer_name=LAYER_NAME, flags=flags, rerouter=None)):
+        yield flags
 
 
 def steer(activate=None, deactivate=None, digest="d" * 16) -> ResolvedSteering:
@@ -70,7 +76,7 @@ def test_a_stage_accepts_layers_of_other_stages_and_writes_its_own():
     assert second.layer_masks(4)[slot, 0] == -1 and second.layer_masks(5)[slot, 6] == 1
 
 
-def test_a_stage_runs_steering_of_other_stages_only_as_a_zero_mask():
+def test_a_stage_runs_steering_of_other_stages_only_as_a_zero_mask(flags):
     other = steer(activate={5: [6]})
     table = stage_table(0)
     table.prepare_step(StepPlan(["r"], np.array([3]), np.array([0])), lambda r: other)
@@ -78,16 +84,16 @@ def test_a_stage_runs_steering_of_other_stages_only_as_a_zero_mask():
     assert slot != 0 and table.masks[:, slot].eq(0).all()
     logits = torch.randn(3, NUM_EXPERTS)
     edited = logits.clone()
-    steering_ops.FLAGS.steering_active = table.steering_active
-    assert steering_ops.FLAGS.steering_active
+    flags.steering_active = table.steering_active
+    assert flags.steering_active
     torch.ops.steermoe.steer_router_logits_(edited, table.token_profiles,
-                                            table.layer_masks(1), table.eps)
+                                            table.layer_masks(1), table.eps, LAYER_NAME)
     assert torch.equal(edited, logits)
     # The same step on the stage that holds layer 5 edits it.
     held = stage_table(1)
     held.prepare_step(StepPlan(["r"], np.array([3]), np.array([0])), lambda r: other)
     torch.ops.steermoe.steer_router_logits_(edited, held.token_profiles, held.layer_masks(5),
-                                            held.eps)
+                                            held.eps, LAYER_NAME)
     assert (edited.argmax(dim=1) == 6).all()
 
 
@@ -106,7 +112,7 @@ def test_engine_steering_of_a_stage_checks_the_model_and_records_its_layers():
     assert engine.recorder.moe_layers == STAGES[1]
     extra = {RESOLVED_KEY: steer(activate={1: [3]}).to_extra_args(), "capture_routing": True}
     engine.prepare_step(["r"], np.array([2]), np.array([0]), lambda r: extra)
-    assert steering_ops.FLAGS.steering_active  # steered (on another stage), nothing fails
+    assert engine.flags.steering_active  # steered (on another stage), nothing fails
     for j in range(len(STAGES[1])):
         engine.recorder.buffer[j, :2] = torch.tensor([[j, 7], [j, 6]], dtype=torch.int32)
     engine.finish_step()
@@ -256,8 +262,8 @@ def _layers(ids, naive=False):
 def _stages(monkeypatch, held_by_stage, this_stage, naive_stage=None):
     """Run attach_engine_steering as stage `this_stage` with the other stages' answers."""
     written = []
-    monkeypatch.setattr(vllm_compat, "_write_engine_info", lambda r, info: written.append(info))
-    monkeypatch.setattr(vllm_compat, "_moe_layers",
+    monkeypatch.setattr(worker_hooks, "_write_engine_info", lambda r, info: written.append(info))
+    monkeypatch.setattr(worker_hooks, "_moe_layers",
                         lambda model: _layers(held_by_stage[this_stage],
                                               naive=naive_stage == this_stage))
 
@@ -269,11 +275,11 @@ def _stages(monkeypatch, held_by_stage, this_stage, naive_stage=None):
                 continue
             layers = _layers(held, naive=naive_stage == n)
             stages.append({"layers": [vars(i).copy() for i, _ in layers],
-                           "refusal": vllm_compat._layout_refusal(layers, parallel)
+                           "refusal": worker_hooks._layout_refusal(layers, parallel)
                            if layers else None, "reason": None})
         return stages
 
-    monkeypatch.setattr(vllm_compat, "_gather_stages", gather)
+    monkeypatch.setattr(worker_hooks, "_gather_stages", gather)
     return written
 
 
@@ -281,7 +287,7 @@ def test_every_stage_steers_its_layers_against_the_models(monkeypatch):
     parallel = {"pipeline_parallel_size": 2}
     for stage in (0, 1):
         written = _stages(monkeypatch, STAGES, stage)
-        steering = vllm_compat.attach_engine_steering(_runner(parallel))
+        steering = worker_hooks.attach_engine_steering(_runner(parallel))
         assert steering.table.moe_layers == STAGES[stage]
         assert steering.table.model_layers == MODEL_LAYERS
         assert written[-1]["moe_layers"] == MODEL_LAYERS
@@ -291,7 +297,7 @@ def test_every_stage_steers_its_layers_against_the_models(monkeypatch):
 def test_a_stage_without_moe_layers_starts_and_the_model_stays_steerable(monkeypatch):
     held = [[], MODEL_LAYERS]  # e.g. DeepSeek's dense first layers on stage 0
     written = _stages(monkeypatch, held, 0)
-    assert vllm_compat.attach_engine_steering(_runner({"pipeline_parallel_size": 2})) is None
+    assert worker_hooks.attach_engine_steering(_runner({"pipeline_parallel_size": 2})) is None
     assert written == [{"steerable": True, "reason": None, "moe_layers": MODEL_LAYERS,
                         "num_experts": NUM_EXPERTS, "top_k": TOP_K,
                         "routers": ["FusedTopKRouter"], "stage_layers": held}]
@@ -300,27 +306,27 @@ def test_a_stage_without_moe_layers_starts_and_the_model_stays_steerable(monkeyp
 @pytest.mark.parametrize("this_stage", [0, 1])
 def test_a_layout_refused_on_one_stage_is_refused_on_every_stage(monkeypatch, this_stage):
     _stages(monkeypatch, STAGES, this_stage, naive_stage=1)
-    with pytest.raises(vllm_compat.UnsupportedLayoutError, match="naive dispatch") as info:
-        vllm_compat.attach_engine_steering(_runner({"pipeline_parallel_size": 2}))
+    with pytest.raises(worker_hooks.UnsupportedLayoutError, match="naive dispatch") as info:
+        worker_hooks.attach_engine_steering(_runner({"pipeline_parallel_size": 2}))
     assert "MoE layer 4 routes the tokens of every data-parallel rank" in str(info.value)
 
 
 def test_a_mode_is_refused_on_a_stage_without_moe_layers(monkeypatch):
     _stages(monkeypatch, [[], MODEL_LAYERS], 0)
     parallel = {"pipeline_parallel_size": 2, "prefill_context_parallel_size": 2}
-    with pytest.raises(vllm_compat.UnsupportedLayoutError, match="prefill context parallel"):
-        vllm_compat.attach_engine_steering(_runner(parallel))
+    with pytest.raises(worker_hooks.UnsupportedLayoutError, match="prefill context parallel"):
+        worker_hooks.attach_engine_steering(_runner(parallel))
 
 
 def test_prefill_context_parallel_is_a_batch_splitting_mode():
-    assert vllm_compat.batch_splitting_mode(SimpleNamespace()) is None
-    named = vllm_compat.batch_splitting_mode(SimpleNamespace(prefill_context_parallel_size=2))
+    assert worker_hooks.batch_splitting_mode(SimpleNamespace()) is None
+    named = worker_hooks.batch_splitting_mode(SimpleNamespace(prefill_context_parallel_size=2))
     assert "--prefill-context-parallel-size" in named
 
 
 def test_gathered_rows_are_named_and_modular_kernels_pass():
-    assert vllm_compat.gathered_rows_layer(_layers([1, 2])) is None
-    assert "MoE layer 2" in vllm_compat.gathered_rows_layer(
+    assert worker_hooks.gathered_rows_layer(_layers([1, 2])) is None
+    assert "MoE layer 2" in worker_hooks.gathered_rows_layer(
         _layers([1]) + _layers([2], naive=True))
 
 

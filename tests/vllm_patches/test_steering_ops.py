@@ -1,6 +1,7 @@
 """`steering_ops`: the custom ops the MoE layers call, eagerly and under torch.compile.
 
-The ops read `steering_ops.FLAGS` when they run (not when they are traced), so one compiled
+The ops read their engine's `StepFlags` (found by layer name) when they run (not when they
+are traced), so one compiled
 graph serves steered and unsteered steps. torch.compile uses the `aot_eager` backend: it runs
 Dynamo and AOT autograd's functionalization of the mutating ops (what Inductor sees too)
 without building C++ code.
@@ -8,21 +9,26 @@ without building C++ code.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from vllm_patches import steering_math, steering_ops
+from vllm_patches.vllm_compat.layer_lookup import forward_context_of
 
 NUM_EXPERTS = 8
 
 
+LAYER_NAME = "model.layers.1.mlp.experts"
+
+
 @pytest.fixture(autouse=True)
-def reset_flags():
-    steering_ops.FLAGS.steering_active = False
-    steering_ops.FLAGS.recording = False
-    yield
-    steering_ops.FLAGS.steering_active = False
-    steering_ops.FLAGS.recording = False
+def flags():
+    """The step flags of one engine, whose MoE layer the ops find as LAYER_NAME."""
+    flags = steering_ops.StepFlags()
+    with forward_context_of(SimpleNamespace(layer_name=LAYER_NAME, flags=flags, rerouter=None)):
+        yield flags
 
 
 @pytest.fixture(autouse=True)
@@ -45,10 +51,10 @@ def case(num_tokens: int = 6, dtype: torch.dtype = torch.float32, seed: int = 0)
     return logits, profiles, masks, eps
 
 
-def test_ops_are_registered():
+def test_ops_are_registered(flags):
     assert hasattr(torch.ops.steermoe, "steer_router_logits_")
     assert hasattr(torch.ops.steermoe, "record_routing_")
-    assert steering_ops.StepFlags(steering_active=False, recording=False) == steering_ops.FLAGS
+    assert steering_ops.StepFlags(steering_active=False, recording=False) == flags
 
 
 # ---- eager -------------------------------------------------------------------------------------
@@ -58,51 +64,53 @@ def test_ops_are_registered():
 def test_steer_op_does_nothing_when_not_active(dtype):
     logits, profiles, masks, eps = case(dtype=dtype)
     before = logits.clone()
-    assert torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps) is None
+    assert torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps,
+                                                   LAYER_NAME) is None
     assert torch.equal(logits, before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_steer_op_equals_steering_math_when_active(dtype):
+def test_steer_op_equals_steering_math_when_active(dtype, flags):
     logits, profiles, masks, eps = case(dtype=dtype)
     expected = steering_math.steer_router_logits(logits, profiles, masks, eps)
-    steering_ops.FLAGS.steering_active = True
+    flags.steering_active = True
     ptr = logits.data_ptr()
-    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps)
+    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, LAYER_NAME)
     assert logits.data_ptr() == ptr
     assert torch.equal(logits, expected)
     assert not torch.equal(logits, case(dtype=dtype)[0])
 
 
-def test_steer_op_ignores_recording_flag():
+def test_steer_op_ignores_recording_flag(flags):
     logits, profiles, masks, eps = case()
     before = logits.clone()
-    steering_ops.FLAGS.recording = True
-    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps)
+    flags.recording = True
+    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, LAYER_NAME)
     assert torch.equal(logits, before)
 
 
-def test_record_op_does_nothing_when_not_recording():
+def test_record_op_does_nothing_when_not_recording(flags):
     record = torch.full((16, 4), -1, dtype=torch.int32)
     topk = torch.arange(12, dtype=torch.int32).reshape(6, 2)
-    steering_ops.FLAGS.steering_active = True  # steering alone does not record
-    assert torch.ops.steermoe.record_routing_(record, topk) is None
+    flags.steering_active = True  # steering alone does not record
+    assert torch.ops.steermoe.record_routing_(record, topk, LAYER_NAME) is None
     assert record.eq(-1).all()
 
 
-def test_record_op_copies_when_recording():
+def test_record_op_copies_when_recording(flags):
     record = torch.full((16, 4), -1, dtype=torch.int32)
     topk = torch.arange(12, dtype=torch.int32).reshape(6, 2)
-    steering_ops.FLAGS.recording = True
-    torch.ops.steermoe.record_routing_(record, topk)
+    flags.recording = True
+    torch.ops.steermoe.record_routing_(record, topk, LAYER_NAME)
     assert torch.equal(record[:6, :2], topk)
     assert record[6:].eq(-1).all() and record[:, 2:].eq(-1).all()
 
 
-def test_record_op_casts_int64_ids():
+def test_record_op_casts_int64_ids(flags):
     record = torch.full((4, 2), -1, dtype=torch.int32)
-    steering_ops.FLAGS.recording = True
-    torch.ops.steermoe.record_routing_(record, torch.tensor([[5, 1]], dtype=torch.int64))
+    flags.recording = True
+    torch.ops.steermoe.record_routing_(record, torch.tensor([[5, 1]], dtype=torch.int64),
+                                       LAYER_NAME)
     assert record.tolist() == [[5, 1], [-1, -1], [-1, -1], [-1, -1]]
 
 
@@ -112,10 +120,10 @@ def test_record_op_casts_int64_ids():
 def moe_router(hidden, weight, profiles, masks, eps, record):
     """A toy MoE routing step: router matmul, steering edit, top-k, capture."""
     logits = hidden @ weight
-    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps)
+    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, LAYER_NAME)
     probs = torch.softmax(logits, dim=-1)
     weights, ids = torch.topk(probs, 2, dim=-1)
-    torch.ops.steermoe.record_routing_(record, ids.to(torch.int32))
+    torch.ops.steermoe.record_routing_(record, ids.to(torch.int32), LAYER_NAME)
     return logits, weights, ids
 
 
@@ -130,7 +138,7 @@ def recording_backend(graphs: list):
     return backend
 
 
-def test_compiled_fullgraph_follows_the_flags():
+def test_compiled_fullgraph_follows_the_flags(flags):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(6, 16, generator=g)
     weight = torch.randn(16, NUM_EXPERTS, generator=g)
@@ -148,8 +156,8 @@ def test_compiled_fullgraph_follows_the_flags():
     assert record.eq(-1).all()
 
     # Same graph, flags on: the edit is visible in the output and the ids are recorded.
-    steering_ops.FLAGS.steering_active = True
-    steering_ops.FLAGS.recording = True
+    flags.steering_active = True
+    flags.recording = True
     logits, weights, ids = compiled(hidden, weight, profiles, masks, eps, record)
     torch.testing.assert_close(logits, steered)
     eager_logits, eager_weights, eager_ids = moe_router(
@@ -166,8 +174,8 @@ def test_compiled_fullgraph_follows_the_flags():
     assert torch.equal(ids[1], torch.topk(torch.softmax(plain[1], -1), 2).indices)
 
     # Flags off again: no edit, without a recompile changing anything.
-    steering_ops.FLAGS.steering_active = False
-    steering_ops.FLAGS.recording = False
+    flags.steering_active = False
+    flags.recording = False
     record2 = torch.full((16, 2), -1, dtype=torch.int32)
     logits, _, _ = compiled(hidden, weight, profiles, masks, eps, record2)
     torch.testing.assert_close(logits, plain)
@@ -180,7 +188,7 @@ def test_compiled_fullgraph_follows_the_flags():
     assert "steermoe.record_routing_" in code
 
 
-def test_compiled_sees_new_table_contents():
+def test_compiled_sees_new_table_contents(flags):
     """The table is updated in place between steps; the compiled graph reads the new values."""
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(4, 16, generator=g)
@@ -190,7 +198,7 @@ def test_compiled_sees_new_table_contents():
     eps = torch.tensor([0.0, 0.01])
     record = torch.full((8, 2), -1, dtype=torch.int32)
     compiled = torch.compile(moe_router, fullgraph=True, backend="aot_eager")
-    steering_ops.FLAGS.steering_active = True
+    flags.steering_active = True
 
     compiled(hidden, weight, profiles, masks, eps, record)
     masks[1, [1, 2]] = 1
@@ -203,16 +211,16 @@ def test_compiled_sees_new_table_contents():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_compiled_in_place_on_an_input(dtype):
+def test_compiled_in_place_on_an_input(dtype, flags):
     """The op mutates a graph input: the caller's tensor must hold the edit afterwards."""
 
     def edit(logits, profiles, masks, eps):
-        torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps)
+        torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, LAYER_NAME)
         return logits.sum()
 
     logits, profiles, masks, eps = case(dtype=dtype)
     expected = steering_math.steer_router_logits(logits, profiles, masks, eps)
     compiled = torch.compile(edit, fullgraph=True, backend="aot_eager")
-    steering_ops.FLAGS.steering_active = True
+    flags.steering_active = True
     compiled(logits, profiles, masks, eps)
     assert torch.equal(logits, expected)

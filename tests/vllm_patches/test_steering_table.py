@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from expert_profiles.request_steering import CAPTURE_ID_KEY, RESOLVED_KEY, ResolvedSteering
-from vllm_patches import steering_math, steering_ops
+from vllm_patches import steering_math
 from vllm_patches.engine_steering import (
     EngineSteering,
     MoELayerInfo,
@@ -21,21 +21,13 @@ from vllm_patches.engine_steering import (
 )
 from vllm_patches.routing_capture import KEEP_ENV, RoutingRecord, RoutingRecorder
 from vllm_patches.steering_table import SteeringTable, StepPlan
+from vllm_patches.vllm_compat.layer_lookup import forward_context_of
 
 CPU = torch.device("cpu")
 MOE_LAYERS = [1, 2, 4]  # decoder layers 0 and 3 are dense
 NUM_EXPERTS = 8
 TOP_K = 2
 MAX_TOKENS = 32
-
-
-@pytest.fixture(autouse=True)
-def reset_flags():
-    steering_ops.FLAGS.steering_active = False
-    steering_ops.FLAGS.recording = False
-    yield
-    steering_ops.FLAGS.steering_active = False
-    steering_ops.FLAGS.recording = False
 
 
 def steer(digest: str, activate=None, deactivate=None, eps: float = 0.01) -> ResolvedSteering:
@@ -120,8 +112,8 @@ def test_token_profiles_follow_the_requests_slots():
     expected[:10] = np.repeat(np.array([sx, 0, sy, sx], dtype=np.int32), [3, 2, 4, 1])
     assert np.array_equal(engine.table.token_profiles.numpy(), expected)
     assert engine.table.steering_active
-    assert steering_ops.FLAGS.steering_active is True
-    assert steering_ops.FLAGS.recording is False
+    assert engine.flags.steering_active is True
+    assert engine.flags.recording is False
 
 
 def test_requests_with_no_tokens_this_step():
@@ -159,7 +151,7 @@ def test_padding_is_zero_after_a_larger_step():
     step(engine, reqs, [("plain", 5)])
     assert profiles.eq(0).all()
     assert not engine.table.steering_active
-    assert steering_ops.FLAGS.steering_active is False
+    assert engine.flags.steering_active is False
 
     # Then a small steered step after the unsteered one.
     step(engine, reqs, [("plain", 3), ("b", 2)])
@@ -171,15 +163,15 @@ def test_unsteered_steps_leave_everything_zero():
     reqs = Requests()
     reqs.add("a")
     reqs.add("b")
-    steering_ops.FLAGS.steering_active = True  # stale value from an earlier step
+    engine.flags.steering_active = True  # stale value from an earlier step
     step(engine, reqs, [("a", 7), ("b", 9)])
     table = engine.table
     assert table.token_profiles.eq(0).all()
     assert table.masks.eq(0).all()
     assert table.eps.eq(0).all()
     assert not table.steering_active
-    assert steering_ops.FLAGS.steering_active is False
-    assert steering_ops.FLAGS.recording is False
+    assert engine.flags.steering_active is False
+    assert engine.flags.recording is False
 
 
 def test_same_digest_shares_one_slot():
@@ -361,7 +353,8 @@ def test_layer_hook_steers_each_token_by_its_request():
         hook = engine.layer_hook(layer)
         logits = torch.randn(5, NUM_EXPERTS, generator=g)
         before = logits.clone()
-        out = hook.steer(logits)
+        with forward_context_of(hook):
+            out = hook.steer(logits)
         assert out is logits  # in place
         expected = steering_math.steer_router_logits(
             before, table.token_profiles, table.layer_masks(layer), table.eps
@@ -371,7 +364,8 @@ def test_layer_hook_steers_each_token_by_its_request():
     # decoder layer 1: X activates expert 3 for tokens 0-1
     hook = engine.layer_hook(1)
     logits = torch.randn(5, NUM_EXPERTS, generator=g)
-    hook.steer(logits)
+    with forward_context_of(hook):
+        hook.steer(logits)
     assert (logits[:2, 3:4] > torch.cat([logits[:2, :3], logits[:2, 4:]], dim=1)).all()
 
 
@@ -412,11 +406,11 @@ def test_capture_plan_entries():
     step(engine, reqs, [("a", 3), ("b", 2), ("c", 4), ("d", 0)], first_positions=[0, 0, 8, 5])
     assert engine.recorder._step == [("a", 0, 3, 0), ("cap-c", 5, 4, 8)]
     assert engine.recorder.recording
-    assert steering_ops.FLAGS.recording is True
-    assert steering_ops.FLAGS.steering_active is True
+    assert engine.flags.recording is True
+    assert engine.flags.steering_active is True
     engine.finish_step()
-    assert steering_ops.FLAGS.recording is False
-    assert steering_ops.FLAGS.steering_active is False
+    assert engine.flags.recording is False
+    assert engine.flags.steering_active is False
     assert not engine.recorder.recording
 
 
@@ -426,7 +420,7 @@ def test_no_capture_asked_means_no_recording():
     reqs.add("a", X)
     step(engine, reqs, [("a", 3)])
     assert not engine.recorder.recording
-    assert steering_ops.FLAGS.recording is False
+    assert engine.flags.recording is False
     engine.finish_step()
     assert engine.recorder.take(["a"]) == {}
 
@@ -477,7 +471,9 @@ def test_capture_through_the_layer_hooks():
         layer: torch.randint(0, NUM_EXPERTS, (5, TOP_K), dtype=torch.int32) for layer in MOE_LAYERS
     }
     for layer in MOE_LAYERS:
-        engine.layer_hook(layer).capture(topk[layer])
+        hook = engine.layer_hook(layer)
+        with forward_context_of(hook):
+            hook.capture(topk[layer])
     engine.finish_step()
     record = RoutingRecord.from_wire(engine.recorder.take(["a"])["a"])
     expected = torch.stack([topk[layer][2:5] for layer in MOE_LAYERS], dim=1).numpy()
@@ -563,3 +559,25 @@ def test_table_alone_with_plain_lookups():
     assert table.token_profiles.tolist() == [1, 1, 0, 0, 0, 0]
     assert table.masks[:, 1].tolist() == [[0, 1, 0, 0], [0, 0, -1, 0]]
     assert table.slot_for(None, ["a"]) == 0
+
+
+def test_two_engines_in_one_process_keep_their_own_step_state():
+    """The ops find a layer's engine by the layer's name in the forward context of the step:
+    an engine's steered step does not switch on the ops of another engine's layer of the
+    same name, and each engine's flags are its own."""
+    steered, idle = make_engine(), make_engine()
+    reqs = Requests()
+    reqs.add("a", X)
+    step(steered, reqs, [("a", 3)])
+    assert steered.flags.steering_active and not idle.flags.steering_active
+    logits = torch.randn(3, NUM_EXPERTS)
+    for engine, changed in ((idle, False), (steered, True)):
+        hook = engine.layer_hook(1)
+        edited = logits.clone()
+        with forward_context_of(hook):
+            torch.ops.steermoe.steer_router_logits_(edited, steered.table.token_profiles,
+                                                    steered.table.layer_masks(1),
+                                                    steered.table.eps, hook.layer_name)
+        assert torch.equal(edited, logits) is not changed
+    steered.finish_step()
+    assert not steered.flags.steering_active

@@ -1,4 +1,4 @@
-"""The one module that knows vLLM internals: version and internals checks, steerability."""
+"""The package that knows vLLM internals: version and internals checks, steerability."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 from vllm_patches import vllm_compat
 from vllm_patches.engine_steering import MoELayerInfo
+from vllm_patches.vllm_compat import compile_cache, worker_hooks
 
 
 def test_installed_vllm_is_supported():
@@ -58,6 +59,10 @@ class FusedTopKRouter:
     pass
 
 
+class FusedTopKBiasRouter:
+    pass
+
+
 class RoutingSimulatorRouter:
     pass
 
@@ -85,7 +90,7 @@ CPU_RUNNER = SimpleNamespace(
     ],
 )
 def test_steerability(layers, reason):
-    got = vllm_compat._unsteerable_reason(layers, CPU_RUNNER)
+    got = worker_hooks._unsteerable_reason(layers, CPU_RUNNER)
     if reason is None:
         assert got is None
     else:
@@ -93,7 +98,7 @@ def test_steerability(layers, reason):
 
 
 def test_biased_routers_under_cuda_graphs_ask_for_eager():
-    router = FusedTopKRouter()
+    router = FusedTopKBiasRouter()
     router.e_score_correction_bias = object()
     runner = SimpleNamespace(
         device=SimpleNamespace(type="cuda"),
@@ -101,7 +106,7 @@ def test_biased_routers_under_cuda_graphs_ask_for_eager():
             compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name="FULL"))
         ),
     )
-    reason = vllm_compat._unsteerable_reason([_layer(1, MoERunner(router))], runner)
+    reason = worker_hooks._unsteerable_reason([_layer(1, MoERunner(router))], runner)
     assert "--enforce-eager" in reason
 
 
@@ -114,8 +119,8 @@ def test_compile_cache_key_includes_the_hooks(monkeypatch):
                 return "0123456789abcdef"
 
         monkeypatch.setattr(vllm.config, "VllmConfig", Config)
-        monkeypatch.setattr(vllm_compat, "code_hash", lambda: code)
-        vllm_compat._install_compile_cache_key()
+        monkeypatch.setattr(compile_cache, "code_hash", lambda: code)
+        compile_cache.install_compile_cache_key()
         return Config().compute_hash()
 
     plain = "0123456789abcdef"
@@ -132,7 +137,7 @@ def test_installed_parallel_config_has_the_batch_splitting_switches():
     config = ParallelConfig()
     assert config.enable_dbo is False and config.ubatch_size in (0, 1)
     assert config.use_sequence_parallel_moe is False
-    assert vllm_compat.batch_splitting_mode(config) is None
+    assert worker_hooks.batch_splitting_mode(config) is None
 
 
 @pytest.mark.parametrize(("settings", "named"), [
@@ -143,16 +148,16 @@ def test_installed_parallel_config_has_the_batch_splitting_switches():
 def test_modes_that_split_a_step_refuse_to_start(monkeypatch, settings, named):
     parallel = SimpleNamespace(**{"enable_dbo": False, "ubatch_size": 1,
                                   "use_sequence_parallel_moe": False, **settings})
-    assert named in vllm_compat.batch_splitting_mode(parallel)
+    assert named in worker_hooks.batch_splitting_mode(parallel)
     layer = (MoELayerInfo(0, 8, 2, "FusedTopKRouter"), SimpleNamespace())
     runner = SimpleNamespace(vllm_config=SimpleNamespace(parallel_config=parallel),
                              get_model=lambda: None)
     written = []
-    monkeypatch.setattr(vllm_compat, "_write_engine_info", lambda r, info: written.append(info))
-    monkeypatch.setattr(vllm_compat, "_moe_layers", lambda model: [layer])
-    with pytest.raises(vllm_compat.UnsupportedLayoutError, match=named) as info:
-        vllm_compat.attach_engine_steering(runner)
+    monkeypatch.setattr(worker_hooks, "_write_engine_info", lambda r, info: written.append(info))
+    monkeypatch.setattr(worker_hooks, "_moe_layers", lambda model: [layer])
+    with pytest.raises(worker_hooks.UnsupportedLayoutError, match=named) as info:
+        worker_hooks.attach_engine_steering(runner)
     assert "STEERMOE_DISABLE=1" in str(info.value) and written == []
-    monkeypatch.setattr(vllm_compat, "_moe_layers", lambda model: [])  # a dense model starts
-    assert vllm_compat.attach_engine_steering(runner) is None
+    monkeypatch.setattr(worker_hooks, "_moe_layers", lambda model: [])  # a dense model starts
+    assert worker_hooks.attach_engine_steering(runner) is None
     assert written == [{"steerable": False, "reason": "it has no vLLM fused-MoE layers"}]
