@@ -43,7 +43,8 @@ class SteeringMetrics:
         labels = ["path", "endpoint", "profile"]
         self.requests = Counter(
             "steermoe:requests", "Generation requests by API path, endpoint, steering profile "
-            "and status (profile 'none' = unsteered, 'inline' = inline steering).",
+            "and status (profile 'none' = unsteered, 'inline' = inline steering, 'composed' = "
+            "several profiles).",
             [*labels, "status"],
         )
         self.prompt_tokens = Counter(

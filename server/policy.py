@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from expert_profiles.composition import CompositionError, composed_name, split_names
+from expert_profiles.composition import SEPARATOR, CompositionError, composed_name, split_names
 from expert_profiles.echo import clip
 from expert_profiles.request_steering import (
     CAPTURE_KEY,
@@ -22,6 +22,8 @@ from expert_profiles.request_steering import (
 from expert_profiles.schema import SteeringProfile
 from server.config import LOWERS_SAFETY_TAG, ServerConfig
 from server.errors import SteeringHTTPError
+
+COMPOSED_LABEL = "composed"
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,11 @@ class SteeringDecision:
 
     @property
     def label(self) -> str:
-        """`profile` (a name or composition), `inline` or `none` (the profile label of
-        metrics)."""
+        """The profile label of metrics: `profile`'s name, `composed` for a composition (its
+        names are in the audit line: one label per combination would let clients mint label
+        series), `inline` or `none`."""
         if self.profile is not None:
-            return self.profile
+            return COMPOSED_LABEL if SEPARATOR in self.profile else self.profile
         return "inline" if self.inline is not None else "none"
 
 
@@ -120,8 +123,8 @@ class SteeringPolicy:
                     403, f"steering profile {profile.name!r} is not available to clients on "
                     "this server", param=PROFILE_KEY,
                 )
-        return SteeringDecision(endpoint, profile=requested.profile, capture=requested.capture,
-                                loaded=profiles)
+        return SteeringDecision(endpoint, profile=composed_name([p.name for p in profiles]),
+                                capture=requested.capture, loaded=profiles)
 
     def _locked(self, endpoint: str | None, profile: str,
                 requested: RequestedSteering) -> SteeringDecision:

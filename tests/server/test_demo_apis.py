@@ -184,6 +184,8 @@ def test_composed_profiles_in_one_batch_with_others(demo):
     audit = [line for line in demo["log"].read_text().splitlines()
              if '"profile":"safety+words"' in line]
     assert len(audit) >= 9
+    metrics = demo["http"].get("/metrics").text
+    assert 'profile="composed"' in metrics and 'profile="safety+words"' not in metrics
 
 
 def test_conflicting_profiles_are_refused(demo):

@@ -93,7 +93,7 @@ def test_who_reads_what(profiles):
 def test_a_composition_needs_every_part_selectable(profiles):
     rules = policy(profiles)
     decision = rules.decide("m", ask(profile="safety+concise"))
-    assert decision.profile == "safety+concise" and decision.label == "safety+concise"
+    assert decision.profile == "concise+safety" and decision.label == "composed"
     assert [p.name for p in decision.loaded] == ["concise", "safety"]
     assert status_of(rules, "m", ask(profile="concise+unsafe")) == 403  # lowers-safety part
     assert status_of(rules, "m", ask(profile="concise+missing")) == 404
