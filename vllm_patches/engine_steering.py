@@ -24,6 +24,8 @@ from expert_profiles.echo import clip
 from expert_profiles.request_steering import (
     CAPTURE_ID_KEY,
     CAPTURE_KEY,
+    INLINE_KEY,
+    PROFILE_KEY,
     RESOLVED_KEY,
     ResolvedSteering,
 )
@@ -112,7 +114,7 @@ def steering_of(extra_args: dict[str, Any] | None, req_id: str = "?") -> Resolve
         return None
     data = extra_args.get(RESOLVED_KEY)
     if data is None:
-        if "steering_profile" in extra_args or "steering" in extra_args:
+        if PROFILE_KEY in extra_args or INLINE_KEY in extra_args:
             logger.error(
                 "steermoe: request '%s' runs unsteered: its steering reached the engine "
                 "without being resolved; the steermoe plugin must be loaded where requests are "

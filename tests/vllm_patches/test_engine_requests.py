@@ -105,6 +105,35 @@ def test_prefix_cache_is_not_shared_across_steering(engine):
     assert computed[3] < prompt_len, "identical expert sets (inline) share the prefix cache"
 
 
+def _computed_prompt_rows(llm, prompt: str, **extra: Any) -> tuple[int, int]:
+    """(prompt positions the engine computed rather than read from the prefix cache, prompt
+    length) of one request."""
+    out = llm.generate(prompt, _params(capture_routing=True, **extra))[0]
+    ids = fetch_routing(llm, [out.request_id])[out.request_id].expert_ids
+    prompt_len = len(out.prompt_token_ids)
+    return int((ids[:prompt_len, 0, 0] >= 0).sum()), prompt_len
+
+
+def test_prefix_cache_is_not_shared_between_two_steerings(engine):
+    """Steering A fills the cache; steering B on the same prompt must compute every prompt
+    position itself, and B again reuses B's blocks (so the cache is on and would be seen)."""
+    llm = engine["llm"]
+    prompt = ("Summarise the notice for a visitor. The swimming pool is closed on Tuesdays for "
+              "cleaning, opens at seven on other days and lends towels at the front desk")
+    steer_a = {"steering_profile": "calm"}
+    steer_b = {"steering": {"activate": {"1": [6]}, "deactivate": {"2": [3]}}}
+    computed_a, prompt_len = _computed_prompt_rows(llm, prompt, **steer_a)
+    assert computed_a == prompt_len  # a prompt this engine has not seen
+    computed_a_again, _ = _computed_prompt_rows(llm, prompt, **steer_a)
+    assert computed_a_again < prompt_len, "steering A did not reuse its own blocks"
+    computed_b, _ = _computed_prompt_rows(llm, prompt, **steer_b)
+    assert computed_b == prompt_len, "steering B read KV blocks filled under steering A"
+    computed_b_again, _ = _computed_prompt_rows(llm, prompt, **steer_b)
+    assert computed_b_again < prompt_len, "steering B did not reuse its own blocks"
+    computed_a_last, _ = _computed_prompt_rows(llm, prompt, **steer_a)
+    assert computed_a_last == computed_a_again, "steering A now reads other blocks"
+
+
 def test_prefix_cache_salt_cannot_be_forged(engine):
     """The digest of a steering is public; a client salt built from it must not let an
     unsteered request fill the blocks that steered requests read (nor steering A's, B's)."""

