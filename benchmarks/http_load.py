@@ -23,6 +23,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,18 +59,27 @@ class RequestResult:
 # ---- arguments -------------------------------------------------------------------------------
 
 
-def parse_profiles(text: str) -> list[tuple[str, float]]:
-    """'none:2,calm:1' -> [('none', 2.0), ('calm', 1.0)]; a bare name weighs 1."""
+def parse_weighted(text: str, what: str = "profile",
+                   known: Sequence[str] | None = None) -> list[tuple[str, float]]:
+    """'none:2,calm:1' -> [('none', 2.0), ('calm', 1.0)]; a bare name weighs 1. ValueError for
+    a negative weight, no positive weight, or (with `known`) a name not in `known`."""
     mix = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, weight = item.partition(":")
+        if known is not None and name not in known:
+            raise ValueError(f"unknown {what} {name!r}; {what}s: {', '.join(known)}")
         value = float(weight) if weight else 1.0
         if value < 0:
-            raise ValueError(f"negative weight for profile {name!r}")
+            raise ValueError(f"negative weight for {what} {name!r}")
         mix.append((name, value))
     if not mix or sum(w for _, w in mix) <= 0:
-        raise ValueError(f"no profile with a positive weight in {text!r}")
+        raise ValueError(f"no {what} with a positive weight in {text!r}")
     return mix
+
+
+def parse_profiles(text: str) -> list[tuple[str, float]]:
+    """'none:2,calm:1' -> [('none', 2.0), ('calm', 1.0)]; a bare name weighs 1."""
+    return parse_weighted(text, "profile")
 
 
 def is_loopback(url: str) -> bool:

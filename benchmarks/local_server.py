@@ -17,6 +17,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 420
+# A small CPU engine that starts quickly (no graph compilation) beside other engines.
+ENGINE_OPTIONS = (
+    "--dtype", "float32",
+    "--max-model-len", "512",
+    "--max-num-seqs", "16",
+    "--gpu-memory-utilization", "0.2",
+    "--block-size", "32",
+    "--seed", "0",
+    "--enforce-eager",
+)
 # What the operator's shell may hold that must not reach a server started here.
 CLEARED_ENV = ("STEERMOE_SERVER_CONFIG", "VLLM_API_KEY")
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.http_load import WORDS, is_loopback
-from benchmarks.local_server import steermoe_serve
+from benchmarks.http_load import WORDS, is_loopback, parse_weighted
+from benchmarks.local_server import ENGINE_OPTIONS, steermoe_serve
 
 # ---- what is sent --------------------------------------------------------------------------
 
@@ -53,16 +53,6 @@ STEERING_HEADER = "x-steermoe-steering"
 MARKER = "written by benchmarks.soak"
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
-# Engine options of the server this tool starts: a small CPU engine (as the tests use).
-ENGINE_OPTIONS = (
-    "--dtype", "float32",
-    "--max-model-len", "512",
-    "--max-num-seqs", "16",
-    "--gpu-memory-utilization", "0.2",
-    "--block-size", "32",
-    "--seed", "0",
-    "--enforce-eager",
-)
 START_TIMEOUT_S = 420
 MAX_FAILURES_KEPT = 100
 BODY_EXCERPT = 20000
@@ -743,18 +733,8 @@ def own_server(checkpoint: Path, profiles: Path, log_path: Path,
 
 
 def parse_mix(text: str) -> list[tuple[str, float]]:
-    mix = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, weight = item.partition(":")
-        if name not in KINDS:
-            raise ValueError(f"unknown kind {name!r}; kinds: {', '.join(KINDS)}")
-        value = float(weight) if weight else 1.0
-        if value < 0:
-            raise ValueError(f"negative weight for {name!r}")
-        mix.append((name, value))
-    if not mix or sum(w for _, w in mix) <= 0:
-        raise ValueError(f"no kind with a positive weight in {text!r}")
-    return mix
+    """'plain:2,locked:1' -> [('plain', 2.0), ('locked', 1.0)] over the request KINDS."""
+    return parse_weighted(text, "kind", KINDS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -218,3 +218,11 @@ def test_profile_mix_parsing() -> None:
     assert http_load.parse_profiles("none:2, calm") == [("none", 2.0), ("calm", 1.0)]
     with pytest.raises(ValueError):
         http_load.parse_profiles("none:0")
+
+
+def test_weighted_mixes_of_known_names() -> None:
+    assert http_load.parse_weighted("a:3,b", "kind", ("a", "b")) == [("a", 3.0), ("b", 1.0)]
+    with pytest.raises(ValueError, match="unknown kind 'c'"):
+        http_load.parse_weighted("a,c", "kind", ("a", "b"))
+    with pytest.raises(ValueError, match="negative weight for kind 'a'"):
+        http_load.parse_weighted("a:-1,b", "kind", ("a", "b"))

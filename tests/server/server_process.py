@@ -8,18 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.local_server import RunningServer, steermoe_serve
-
-# A small CPU engine that starts quickly (no graph compilation) beside other test engines.
-ENGINE_OPTIONS = (
-    "--dtype", "float32",
-    "--max-model-len", "512",
-    "--max-num-seqs", "16",
-    "--gpu-memory-utilization", "0.2",
-    "--block-size", "32",
-    "--seed", "0",
-    "--enforce-eager",
-)
+from benchmarks.local_server import ENGINE_OPTIONS, RunningServer, steermoe_serve
 
 
 def cuda_options() -> tuple[str, ...]:

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from benchmarks.local_server import ENGINE_OPTIONS
 from profile_tools.checkpoint_factory import model_shape
 from tests.server.routing_checks import assert_follows, follows
-from tests.server.server_process import ENGINE_OPTIONS, write_profile
+from tests.server.server_process import write_profile
 
 pytestmark = pytest.mark.engine
 
