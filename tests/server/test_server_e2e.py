@@ -287,7 +287,7 @@ def test_client_profile_listing(http):
     assert http.get("/v1/steering/profiles/unsafe").status_code == 404
     endpoints = http.get("/v1/steering/endpoints").json()
     assert {"id": "qwen-safe", "object": "steering_endpoint", "profile": "safety",
-            "locked": True} in endpoints["data"]
+            "locked": True, "client_profiles": []} in endpoints["data"]
 
 
 def test_admin_listing_shows_everything(http):
