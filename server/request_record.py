@@ -48,12 +48,15 @@ class CompletionTrace:
     error: str | None = None
     # A Responses continuation that runs with the steering of the response it continues.
     inherited: bool = False
+    # Steering fields that could not be read (a bad profile name, a malformed `steering`).
+    malformed_steering: bool = False
 
     @property
     def involves_steering(self) -> bool:
         """Asked for, refused, or imposed by a locked endpoint."""
         steered = self.decision is not None and self.decision.steered
-        return self.requested.mentions_steering or self.locked or steered
+        return (self.requested.mentions_steering or self.malformed_steering or self.locked
+                or steered)
 
     def profile_label(self) -> str:
         """The `profile` label of the metrics: a profile name, `inline`, `none` or `rejected`."""

@@ -110,7 +110,11 @@ def plan_request(context: SteeringContext, kind: str, body: dict[str, Any],
     config = context.config
     model = body.get("model")
     trace.endpoint = (model if isinstance(model, str) else None) or config.default_name
-    trace.requested, rest = take_steering(body)
+    try:
+        trace.requested, rest = take_steering(body)
+    except SteeringHTTPError:
+        trace.malformed_steering = True  # refused steering: counted and audited as such
+        raise
     requested = trace.requested
     if previous is not None:
         endpoint, requested = continued(config, previous[0], previous[1], model, requested, rest)
