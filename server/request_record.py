@@ -48,7 +48,7 @@ class CompletionTrace:
     error: str | None = None
     # A Responses continuation that runs with the steering of the response it continues.
     inherited: bool = False
-    # Steering fields that could not be read (a bad profile name, a malformed `steering`).
+    # A `steering_profile` that cannot be read (not a profile name, a bad composition).
     malformed_steering: bool = False
 
     @property

@@ -20,6 +20,7 @@ from typing import Any
 from expert_profiles.echo import clip
 from expert_profiles.request_steering import (
     CAPTURE_KEY,
+    PROFILE_KEY,
     RequestedSteering,
     ResolvedSteering,
     server_key,
@@ -112,8 +113,10 @@ def plan_request(context: SteeringContext, kind: str, body: dict[str, Any],
     trace.endpoint = (model if isinstance(model, str) else None) or config.default_name
     try:
         trace.requested, rest = take_steering(body)
-    except SteeringHTTPError:
-        trace.malformed_steering = True  # refused steering: counted and audited as such
+    except SteeringHTTPError as exc:
+        # A profile name that cannot be one (or a bad composition) is refused steering,
+        # counted and audited as such, as when the policy refuses an unknown profile.
+        trace.malformed_steering = exc.param == PROFILE_KEY
         raise
     requested = trace.requested
     if previous is not None:
