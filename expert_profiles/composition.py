@@ -49,9 +49,9 @@ def split_names(value: str | Sequence[str]) -> tuple[str, ...]:
     if len(parts) > MAX_COMPOSED:
         raise CompositionError(f"at most {MAX_COMPOSED} profiles can be composed, "
                                f"got {len(parts)}")
-    bad = next((part for part in parts if not is_profile_name(part)), None)
-    if bad is not None or any(not isinstance(part, str) for part in parts):
-        raise CompositionError(f"invalid steering profile name '{clip(bad)}'")
+    bad = [part for part in parts if not is_profile_name(part)]  # also any non-string
+    if bad:
+        raise CompositionError(f"invalid steering profile name '{clip(bad[0])}'")
     names = [str(part) for part in parts]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

@@ -158,10 +158,7 @@ def parse_endpoint_client_profiles(values: list[str] | None) -> dict[str, tuple[
             raise ConfigError(f"--endpoint-client-profiles {text!r}: expected NAME=A,B")
         if alias in out:
             raise ConfigError(f"--endpoint-client-profiles {alias} is given twice")
-        listed = tuple(dict.fromkeys(part.strip() for part in names.split(",") if part.strip()))
-        for name in listed:
-            check_profile_name(name, f"--endpoint-client-profiles {alias}")
-        out[alias] = listed
+        out[alias] = profile_list(names, f"--endpoint-client-profiles {alias}")
     return out
 
 
@@ -171,9 +168,14 @@ def parse_client_profiles(text: str | None) -> tuple[str, ...] | None:
         return None
     if text.strip().lower() in (NO_PROFILES, ""):
         return ()
+    return profile_list(text, "--client-profiles")
+
+
+def profile_list(text: str, option: str) -> tuple[str, ...]:
+    """`a, b,a` -> ("a", "b"): comma-separated profile names, each checked, repeats dropped."""
     names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     for name in names:
-        check_profile_name(name, "--client-profiles")
+        check_profile_name(name, option)
     return names
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from expert_profiles.composition import SEPARATOR, CompositionError, composed_name, split_names
+from expert_profiles.composition import SEPARATOR, composed_name, split_names
 from expert_profiles.echo import clip
 from expert_profiles.request_steering import (
     CAPTURE_KEY,
@@ -88,12 +88,12 @@ class SteeringPolicy:
                 or profile_name in config.endpoint_client_profiles.get(alias, ())]
 
     def load_profiles(self, composed: str) -> tuple[SteeringProfile, ...]:
-        """The stored profiles of a profile name or composition `A+B`."""
+        """The stored profiles of a profile name or composition `A+B`; SteeringHTTPError as
+        `profile` for each (400 for a composition that cannot be one)."""
         try:
-            names = split_names(composed)
-        except CompositionError as exc:
-            raise SteeringHTTPError(400, str(exc), param=PROFILE_KEY) from None
-        return tuple(self.profile(name) for name in names)
+            return self.profiles.get_all(composed)
+        except SteeringRequestError as exc:
+            raise as_http_error(exc) from None
 
     def decide(self, model: str | None, requested: RequestedSteering) -> SteeringDecision:
         """The steering to apply for a request to served name `model`."""
