@@ -46,3 +46,25 @@ def write_profile(directory: Path, name: str, model: dict[str, Any],
     path = directory / f"{name}.json"
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
+
+
+# Two profiles over every layer of the tiny Qwen3-MoE (4 layers, 8 experts): (activate, deactivate).
+LAYERS = range(4)
+SAFETY = ({layer: [5] for layer in LAYERS}, {layer: [0, 1] for layer in LAYERS})
+CONCISE = ({layer: [2] for layer in LAYERS}, {layer: [6, 7] for layer in LAYERS})
+
+
+def tiny_qwen_with_profiles(build_tiny: Any, root: Path) -> dict[str, Any]:
+    """The tiny Qwen3-MoE checkpoint and, in ROOT/profiles, `safety`, `concise` and `unsafe`
+    (tagged lowers-safety): {"checkpoint", "root", "profiles"}."""
+    from profile_tools.checkpoint_factory import model_shape
+
+    checkpoint = build_tiny("qwen3_moe")
+    shape = model_shape(checkpoint)
+    model = {key: shape[key] for key in ("architecture", "num_layers", "num_experts", "top_k")}
+    profiles = root / "profiles"
+    profiles.mkdir()
+    write_profile(profiles, "safety", model, *SAFETY)
+    write_profile(profiles, "concise", model, *CONCISE)
+    write_profile(profiles, "unsafe", model, {1: [3]}, tags=["lowers-safety"])
+    return {"checkpoint": checkpoint, "root": root, "profiles": profiles}

@@ -15,16 +15,12 @@ from typing import Any
 import pytest
 
 from benchmarks.local_server import ENGINE_OPTIONS
-from profile_tools.checkpoint_factory import model_shape
 from tests.server.routing_checks import assert_follows, follows
-from tests.server.server_process import write_profile
+from tests.server.server_process import CONCISE, LAYERS, SAFETY, tiny_qwen_with_profiles
 
 pytestmark = pytest.mark.engine
 
 REPO = Path(__file__).resolve().parents[2]
-LAYERS = range(4)
-SAFETY = ({layer: [5] for layer in LAYERS}, {layer: [0, 1] for layer in LAYERS})
-CONCISE = ({layer: [2] for layer in LAYERS}, {layer: [6, 7] for layer in LAYERS})
 INLINE = ({layer: [4] for layer in LAYERS}, {layer: [2, 3] for layer in LAYERS})
 SETS = {"safety": SAFETY, "concise": CONCISE, "inline": INLINE}
 
@@ -64,16 +60,7 @@ LINES: dict[str, tuple[Any, Any]] = {
 
 @pytest.fixture(scope="module")
 def setup(build_tiny, tmp_path_factory) -> dict[str, Any]:
-    checkpoint = build_tiny("qwen3_moe")
-    shape = model_shape(checkpoint)
-    model = {key: shape[key] for key in ("architecture", "num_layers", "num_experts", "top_k")}
-    root = tmp_path_factory.mktemp("run_batch")
-    profiles = root / "profiles"
-    profiles.mkdir()
-    write_profile(profiles, "safety", model, *SAFETY)
-    write_profile(profiles, "concise", model, *CONCISE)
-    write_profile(profiles, "unsafe", model, {1: [3]}, tags=["lowers-safety"])
-    return {"checkpoint": checkpoint, "root": root, "profiles": profiles}
+    return tiny_qwen_with_profiles(build_tiny, tmp_path_factory.mktemp("run_batch"))
 
 
 def run(command: list[str], log: Path, env: dict[str, str] | None = None) -> None:

@@ -21,15 +21,12 @@ import pytest
 
 from profile_tools.checkpoint_factory import model_shape
 from tests.server.routing_checks import assert_follows, follows
-from tests.server.server_process import steermoe_server, write_profile
+from tests.server.server_process import CONCISE, LAYERS, SAFETY, steermoe_server, write_profile
 
 pytestmark = pytest.mark.engine
 
 ADMIN_TOKEN = "test-admin-token"
 MAX_BODY = 64 * 1024
-LAYERS = range(4)
-SAFETY = ({layer: [5] for layer in LAYERS}, {layer: [0, 1] for layer in LAYERS})
-CONCISE = ({layer: [2] for layer in LAYERS}, {layer: [6, 7] for layer in LAYERS})
 UNSAFE = ({layer: [3] for layer in LAYERS}, {})
 INLINE = ({layer: [4] for layer in LAYERS}, {layer: [2, 3] for layer in LAYERS})
 ADDED = ({1: [6], 3: [6]}, {2: [5]})
