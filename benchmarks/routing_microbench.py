@@ -13,6 +13,14 @@ For each (tokens, experts) this times, in one run and on the same inputs:
 * fused       the steered top-k as one Triton kernel (`fused_routing.steered_topk_triton`);
               CUDA only, unless --triton-interpret.
 
+Graded steering: the engine always hands the edit its bias and strength tables, so on/off
+profiles run the same code as graded ones. `*_onoff` times that path with on/off tables (no
+bias, strength 1) and `*_graded` with graded ones (a bias on a quarter of the experts and
+strength 0.5 for every profile); `graded/onoff` is their ratio (the cost of a graded profile
+over an on/off one) and `onoff/plain` the cost of the graded-capable path over the edit without
+bias and strength tables (`torch_edit`, `triton_edit`). The engine's CPU op skips the tables on
+steps where no scheduled request is graded, so there on/off profiles cost `torch_edit`.
+
 Half the rows are steered, spread over 4 profiles. Times are medians in microseconds per call
 (CUDA events on CUDA, time.perf_counter on CPU, both after warmup; each sample averages enough
 back-to-back calls to last ~0.2 ms on CUDA / ~1 ms on CPU).
@@ -66,6 +74,22 @@ def make_inputs(
         masks[p, perm[n_act : n_act + n_deact]] = -1
     eps = torch.full((NUM_PROFILES + 1,), 0.01)
     return logits.to(device), profiles.to(device), masks.to(device), eps.to(device)
+
+
+def graded_tables(masks: torch.Tensor, graded: bool,
+                  seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bias [P, E], strength [P]) for `masks`: none and 1, or a bias on a quarter of each
+    profile's untouched experts and strength 0.5."""
+    bias = torch.zeros(masks.shape, dtype=torch.float32, device=masks.device)
+    strength = torch.ones(masks.shape[0], dtype=torch.float32, device=masks.device)
+    if graded:
+        g = torch.Generator().manual_seed(seed)
+        values = (torch.rand(masks.shape, generator=g) * 4 - 2).to(masks.device)
+        chosen = (torch.rand(masks.shape, generator=g) < 0.25).to(masks.device) & (masks == 0)
+        bias = torch.where(chosen, values, bias)
+        bias[0] = 0
+        strength[1:] = 0.5
+    return bias, strength
 
 
 def vllm_topk_fn(device: str) -> tuple[Callable[[torch.Tensor, int], Any] | None, str]:
@@ -212,9 +236,27 @@ def bench_one(
             lambda: steered_topk_triton(logits, profiles, masks, eps, k, True, out=fused), reps
         )
 
+    for label, graded in (("onoff", False), ("graded", True)):
+        bias, strength = graded_tables(masks, graded)
+        row[f"torch_{label}_us"] = t(lambda b=bias, s=strength: steer_router_logits(
+            logits, profiles, masks, eps, b, s))
+        row[f"triton_{label}_us"] = row[f"fused_{label}_us"] = None
+        if triton_edit is not None and not (interpret and num_tokens > INTERPRET_MAX_TOKENS):
+            out = torch.empty_like(logits)
+            reps = min(args.repeats, 3) if interpret else args.repeats
+            row[f"triton_{label}_us"] = t(lambda b=bias, s=strength, o=out: triton_edit(
+                logits, profiles, masks, eps, out=o, layer_bias=b, strength=s), reps)
+            row[f"fused_{label}_us"] = t(lambda b=bias, s=strength: steered_topk_triton(
+                logits, profiles, masks, eps, k, True, layer_bias=b, strength=s), reps)
+
     def ratio(num: str, den: str) -> float | None:
         a, b = row.get(num), row.get(den)
         return None if a is None or b is None else a / b
+
+    for impl in ("torch", "triton", "fused"):
+        row[f"{impl}:graded/onoff"] = ratio(f"{impl}_graded_us", f"{impl}_onoff_us")
+    row["torch:onoff/plain"] = ratio("torch_onoff_us", "torch_edit_us")
+    row["triton:onoff/plain"] = ratio("triton_onoff_us", "triton_edit_us")
 
     base = "vllm_topk_us" if vllm_topk is not None else "torch_topk_us"
     row["ratio_base"] = base.removesuffix("_us")
@@ -244,6 +286,12 @@ COLUMNS = [
     ("fused_us", "fused", "{:.1f}"),
     ("fused_torch/topk", "fused_torch/topk", "{:.2f}"),
     ("fused/topk", "fused/topk", "{:.2f}"),
+    ("torch_graded_us", "t_graded", "{:.1f}"),
+    ("torch:graded/onoff", "t:graded/onoff", "{:.2f}"),
+    ("torch:onoff/plain", "t:onoff/plain", "{:.2f}"),
+    ("triton:graded/onoff", "tr:graded/onoff", "{:.2f}"),
+    ("triton:onoff/plain", "tr:onoff/plain", "{:.2f}"),
+    ("fused:graded/onoff", "fused:graded/onoff", "{:.2f}"),
 ]
 
 

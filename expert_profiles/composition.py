@@ -7,6 +7,8 @@ named by its sorted names, `concise+safety`):
   deactivated experts the union of their deactivated experts;
 - an expert that one profile activates and another deactivates in the same layer is a conflict,
   refused (`CompositionConflictError`) with the profiles, the layer and the experts named;
+- graded biases add up per expert (clipped to +-`MAX_BIAS`); an expert that any of the profiles
+  switches on or off in a layer takes no bias there (a switch wins over a bias);
 - eps is the largest eps of the profiles (a profile without one counts as the server default);
 - the union must fit the served model like a single profile does (at most top-k activated and at
   least top-k left undeactivated per layer); the caller checks that (`check_shape`);
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from expert_profiles.echo import clip
-from expert_profiles.schema import ExpertSteering, SteeringProfile, is_profile_name
+from expert_profiles.schema import MAX_BIAS, ExpertSteering, SteeringProfile, is_profile_name
 
 SEPARATOR = "+"
 MAX_COMPOSED = 8
@@ -88,10 +90,19 @@ def compose(profiles: Sequence[SteeringProfile], default_eps: float) -> ExpertSt
                     f"profiles {other!r} and {profile.name!r} conflict: layer {layer} experts "
                     f"{clash} are activated by {other!r} and deactivated by {profile.name!r}"
                 )
+    bias: dict[int, dict[int, float]] = {}
+    for profile in profiles:
+        for layer, row in profile.bias.items():
+            switched = activate.get(layer, set()) | deactivate.get(layer, set())
+            for expert, value in row.items():
+                if expert not in switched:
+                    total = bias.setdefault(layer, {}).get(expert, 0.0) + value
+                    bias[layer][expert] = max(-MAX_BIAS, min(MAX_BIAS, total))
     any_eps = any(p.eps is not None for p in profiles)
     eps = max(p.eps if p.eps is not None else default_eps for p in profiles) if any_eps else None
     return ExpertSteering(
         activate={layer: sorted(experts) for layer, experts in activate.items()},
         deactivate={layer: sorted(experts) for layer, experts in deactivate.items()},
+        bias=bias,
         eps=eps,
     )

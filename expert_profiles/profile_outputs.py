@@ -9,7 +9,7 @@ from typing import Any
 from expert_profiles.expert_stats import ExpertStats
 from expert_profiles.model_shape import ModelShape
 from expert_profiles.schema import ProfileModel, SteeringProfile
-from expert_profiles.selection import Selection
+from expert_profiles.selection import GRADED_RULE, Selection, graded_bias
 from expert_profiles.store import ProfileExistsError, ProfileStore
 
 logger = logging.getLogger(__name__)
@@ -22,8 +22,10 @@ class EmptySelectionError(ValueError):
 def profile_from_selection(name: str, shape: ModelShape, selection: Selection, *,
                            description: str = "", source: dict[str, Any] | None = None,
                            tags: list[str] | None = None,
-                           eps: float | None = None) -> SteeringProfile:
-    """A validated profile activating and deactivating the selected experts.
+                           eps: float | None = None,
+                           graded: tuple[ExpertStats, float] | None = None) -> SteeringProfile:
+    """A validated profile activating and deactivating the selected experts, or, with
+    `graded=(stats, scale)`, biasing them by scale * RD (`selection.graded_bias`).
 
     Raises EmptySelectionError when nothing was selected (a profile must select experts)."""
     if selection.counts() == (0, 0):
@@ -34,15 +36,20 @@ def profile_from_selection(name: str, shape: ModelShape, selection: Selection, *
             f"{selection.deactivate_available} away from it. A profile must select at least "
             "one expert: ask for more, or use pairs whose sides differ more."
         )
+    summary: dict[str, Any] = dict(selection.summary())
+    sets: dict[str, Any] = {"activate": selection.activate, "deactivate": selection.deactivate}
+    if graded is not None:
+        stats, scale = graded
+        sets = {"bias": graded_bias(stats, selection, scale)}
+        summary.update(rule=GRADED_RULE, graded_scale=scale)
     return SteeringProfile(
         name=name,
         model=ProfileModel(**shape.to_dict()),
-        activate=selection.activate,
-        deactivate=selection.deactivate,
+        **sets,
         eps=eps,
         description=description,
         tags=list(tags or []),
-        source={**(source or {}), "selection": selection.summary()},
+        source={**(source or {}), "selection": summary},
     )
 
 

@@ -6,6 +6,11 @@ Runs where requests enter vLLM (the front-end process). A request selects steeri
 - `{"steering_profile": NAME}`: a profile from the directory in `STEERMOE_PROFILE_DIR`;
 - `{"steering": {"activate": {LAYER: [EXPERT, ...]}, "deactivate": {...}, "eps": 0.01}}`:
   inline expert sets;
+- `{"steering_guard": NAME}`: the guard `PROFILE_DIR/guards/NAME.json` (`guard_spec`): the
+  prompt runs unsteered, and the request's later tokens get the guard's profile if the guard
+  fires on the prompt's routing;
+- `{"steering_strength": 0.5}`: with any of those, scale the steering (0 to 1; graded
+  steering, `vllm_patches.steering_math`);
 - `{"capture_routing": True}`: record the request's routing (see `routing_capture`).
 
 Through vLLM's OpenAI server these travel in `vllm_xargs`, which carries only strings and
@@ -29,9 +34,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,14 @@ from expert_profiles.composition import (
 )
 from expert_profiles.directory import ProfileFileError
 from expert_profiles.echo import clip
+from expert_profiles.guard import (
+    GuardFile,
+    GuardFileError,
+    GuardNotFoundError,
+    guard_path,
+    load_guard,
+)
+from expert_profiles.guard_spec import GuardSpec
 from expert_profiles.model_shape import ModelShape
 from expert_profiles.schema import (
     ExpertSteering,
@@ -59,16 +73,19 @@ from expert_profiles.store import ProfileNotFoundError, ProfileStore
 PROFILE_KEY = "steering_profile"
 INLINE_KEY = "steering"
 CAPTURE_KEY = "capture_routing"
+STRENGTH_KEY = "steering_strength"
+GUARD_KEY = "steering_guard"
 RESOLVED_KEY = "steermoe"
 CAPTURE_ID_KEY = "steermoe_capture_id"
+GUARD_ID_KEY = "steermoe_guard_id"
 AUTH_KEY = "steermoe_auth"
 PROFILE_DIR_ENV = "STEERMOE_PROFILE_DIR"
 SERVER_KEY_ENV = "STEERMOE_SERVER_KEY"
 EPS_ENV = "STEERMOE_EPS"
 DEFAULT_EPS = 0.01
 # What a client may send, and what only this package writes.
-REQUEST_KEYS = (PROFILE_KEY, INLINE_KEY, CAPTURE_KEY)
-RESERVED_KEYS = (RESOLVED_KEY, CAPTURE_ID_KEY, AUTH_KEY)
+REQUEST_KEYS = (PROFILE_KEY, INLINE_KEY, GUARD_KEY, STRENGTH_KEY, CAPTURE_KEY)
+RESERVED_KEYS = (RESOLVED_KEY, CAPTURE_ID_KEY, GUARD_ID_KEY, AUTH_KEY)
 MARKED_KEYS = (RESOLVED_KEY, *REQUEST_KEYS)
 
 
@@ -97,6 +114,11 @@ class UnknownProfileError(SteeringRequestError):
         super().__init__(message, status=404, code="profile_not_found")
 
 
+class UnknownGuardError(SteeringRequestError):
+    def __init__(self, message: str):
+        super().__init__(message, status=404, code="guard_not_found")
+
+
 class ModelNotSteerableError(SteeringRequestError):
     def __init__(self, message: str):
         super().__init__(message, status=400, code="model_not_steerable")
@@ -104,32 +126,66 @@ class ModelNotSteerableError(SteeringRequestError):
 
 @dataclass(frozen=True)
 class ResolvedSteering:
-    """Expert sets ready for the engine, with a digest that names them."""
+    """Expert sets (and graded biases, strength) ready for the engine, with a digest that
+    names them."""
 
     label: str
     digest: str
     activate: dict[int, list[int]]
     deactivate: dict[int, list[int]]
     eps: float
+    bias: dict[int, dict[int, float]] = field(default_factory=dict)
+    strength: float = 1.0
+    # Set: this steering applies only once the guard fires on the prompt (`guard_spec`).
+    guard: GuardSpec | None = None
 
     def to_extra_args(self) -> dict[str, Any]:
-        return {
+        data = {
             "label": self.label,
             "digest": self.digest,
             "activate": {str(k): v for k, v in self.activate.items()},
             "deactivate": {str(k): v for k, v in self.deactivate.items()},
             "eps": self.eps,
         }
+        if self.bias:
+            data["bias"] = {str(layer): {str(e): v for e, v in row.items()}
+                            for layer, row in self.bias.items()}
+        if self.strength != 1.0:
+            data["strength"] = self.strength
+        if self.guard is not None:
+            data["guard"] = self.guard.to_wire()
+        return data
 
     @classmethod
     def from_extra_args(cls, data: dict[str, Any]) -> ResolvedSteering:
+        bias = data.get("bias") or {}
         return cls(
             label=str(data["label"]),
             digest=str(data["digest"]),
             activate={int(k): list(v) for k, v in data["activate"].items()},
             deactivate={int(k): list(v) for k, v in data["deactivate"].items()},
             eps=float(data["eps"]),
+            bias={int(layer): {int(e): float(v) for e, v in row.items()}
+                  for layer, row in bias.items()},
+            strength=float(data.get("strength", 1.0)),
+            guard=GuardSpec.from_wire(data["guard"]) if data.get("guard") is not None else None,
         )
+
+
+def guarded(steering: ResolvedSteering, guard: GuardSpec) -> ResolvedSteering:
+    """`steering` applied only when `guard` fires; the digest names both."""
+    tag = f"{steering.digest}|guard:{guard.digest}".encode()
+    return replace(steering, guard=guard, label=f"guard:{guard.name}",
+                   digest=hashlib.sha256(tag).hexdigest()[:16])
+
+
+def scaled(steering: ResolvedSteering, strength: float | None) -> ResolvedSteering:
+    """`steering` at `strength` (None or 1: unchanged, same digest); the digest names both."""
+    if strength is None or strength == 1.0:
+        return steering
+    tag = f"{steering.digest}@{float(strength)!r}".encode()
+    return replace(steering, strength=float(strength),
+                   digest=hashlib.sha256(tag).hexdigest()[:16])
 
 
 @dataclass(frozen=True)
@@ -140,15 +196,17 @@ class RequestedSteering:
     profile_given: bool = False
     inline: dict[str, Any] | None = None
     capture: bool = False
+    strength: float | None = None
+    guard: str | None = None
 
     @property
     def asks_for_steering(self) -> bool:
-        return self.profile is not None or self.inline is not None
+        return self.profile is not None or self.inline is not None or self.guard is not None
 
     @property
     def mentions_steering(self) -> bool:
         """Whether the request said anything about steering (even `steering_profile: null`)."""
-        return self.profile_given or self.inline is not None
+        return self.profile_given or self.inline is not None or self.guard is not None
 
 
 def parse_steering_fields(fields: Mapping[str, Any]) -> RequestedSteering:
@@ -159,6 +217,8 @@ def parse_steering_fields(fields: Mapping[str, Any]) -> RequestedSteering:
       the sorted names joined by '+'), or null for none (noted in `profile_given`: on a locked
       endpoint or a Responses continuation, null asks for no steering);
     - `steering`: an object, or its JSON text (the `vllm_xargs` form); null for none;
+    - `steering_guard`: a guard name (not with `steering_profile` or `steering`);
+    - `steering_strength`: a number in [0, 1], only with one of those;
     - `capture_routing`: true or false, or 1 or 0 (the `vllm_xargs` form);
     - not both `steering_profile` and `steering`.
 
@@ -180,12 +240,43 @@ def parse_steering_fields(fields: Mapping[str, Any]) -> RequestedSteering:
         profile_given=PROFILE_KEY in fields,
         inline=_inline_field(fields.get(INLINE_KEY)),
         capture=_capture_field(fields[CAPTURE_KEY]) if CAPTURE_KEY in fields else False,
+        strength=_strength_field(fields.get(STRENGTH_KEY)),
+        guard=_guard_field(fields.get(GUARD_KEY)),
     )
     if requested.profile is not None and requested.inline is not None:
         raise SteeringRequestError(
             f"give either {PROFILE_KEY!r} or {INLINE_KEY!r}, not both", param=INLINE_KEY
         )
+    if requested.guard is not None and (requested.profile is not None
+                                        or requested.inline is not None):
+        raise SteeringRequestError(
+            f"{GUARD_KEY!r} steers with its own profile: give it without {PROFILE_KEY!r} or "
+            f"{INLINE_KEY!r}", param=GUARD_KEY)
+    if requested.strength is not None and not requested.asks_for_steering:
+        raise SteeringRequestError(
+            f"{STRENGTH_KEY!r} scales steering: give it with {PROFILE_KEY!r}, {INLINE_KEY!r} "
+            f"or {GUARD_KEY!r}",
+            param=STRENGTH_KEY)
     return requested
+
+
+def _guard_field(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not is_profile_name(value):
+        raise SteeringRequestError(f"{GUARD_KEY!r} must be a guard name", param=GUARD_KEY)
+    return value
+
+
+def _strength_field(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+        if math.isfinite(number) and 0.0 <= number <= 1.0:
+            return number
+    raise SteeringRequestError(f"{STRENGTH_KEY!r} must be a number from 0 to 1",
+                               param=STRENGTH_KEY)
 
 
 def _inline_field(value: Any) -> dict[str, Any] | None:
@@ -224,6 +315,7 @@ class ProfileCache:
 
     def __init__(self, directory: str | Path | None):
         self.store = ProfileStore(directory) if directory else None
+        self._guards: dict[str, tuple[tuple[Any, ...], GuardFile]] = {}
 
     @property
     def directory(self) -> Path | None:
@@ -249,6 +341,33 @@ class ProfileCache:
             ) from None
 
 
+    def get_guard(self, name: Any) -> GuardFile:
+        """The guard `name` (`PROFILE_DIR/guards/NAME.json`); 400 for an invalid name, 404 for
+        an unknown guard, 500 for a file that cannot be used. Re-read when the file changed."""
+        if not is_profile_name(name):
+            raise SteeringRequestError(f"invalid guard name '{clip(name)}'", param=GUARD_KEY)
+        if self.store is None:
+            raise UnknownGuardError(f"unknown guard {name!r}: no profile directory is "
+                                    f"configured (set {PROFILE_DIR_ENV})")
+        path = guard_path(self.store.directory, name)
+        try:
+            stat = path.stat()
+            signature: tuple[Any, ...] | None = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            signature = None
+        cached = self._guards.get(name)
+        if signature is not None and cached is not None and cached[0] == signature:
+            return cached[1]
+        try:
+            guard = load_guard(self.store.directory, name)
+        except GuardNotFoundError:
+            raise UnknownGuardError(f"unknown guard {name!r}") from None
+        except GuardFileError as exc:
+            raise SteeringRequestError(f"{exc}", status=500, code="guard_invalid") from None
+        if signature is not None:
+            self._guards[name] = (signature, guard)
+        return guard
+
     def get_all(self, names: str) -> tuple[SteeringProfile, ...]:
         """The profiles of a profile name or a composition `A+B` (`get` for each)."""
         try:
@@ -269,10 +388,14 @@ def resolve_request(
     if not requested.asks_for_steering:
         return None
     shape = require_steerable(shape, steerable_reason)
-    if requested.profile is not None:
-        return resolve_profiles(profiles.get_all(requested.profile), shape, eps)
-    assert requested.inline is not None
-    return resolve_inline(requested.inline, shape, eps)
+    if requested.guard is not None:
+        resolved = resolve_guard(profiles, requested.guard, shape, eps)
+    elif requested.profile is not None:
+        resolved = resolve_profiles(profiles.get_all(requested.profile), shape, eps)
+    else:
+        assert requested.inline is not None
+        resolved = resolve_inline(requested.inline, shape, eps)
+    return scaled(resolved, requested.strength)
 
 
 def require_steerable(shape: ModelShape | None, reason: str | None) -> ModelShape:
@@ -319,6 +442,19 @@ def resolve_profiles(profiles: Sequence[SteeringProfile], shape: ModelShape,
     return _resolved(sets, f"profile:{name}", eps)
 
 
+def resolve_guard(profiles: ProfileCache, name: str, shape: ModelShape,
+                  eps: float) -> ResolvedSteering:
+    """The guard `name` with the steering of its profile, checked against the served shape:
+    409 `profile_model_mismatch` if the guard or its profile is for another model."""
+    guard = profiles.get_guard(name)
+    try:
+        guard.check_model(shape)
+    except ProfileMismatchError as exc:
+        raise SteeringRequestError(str(exc), status=409, code="profile_model_mismatch") from None
+    return guarded(resolve_profile(profiles.get(guard.profile), shape, eps),
+                   GuardSpec.from_guard(guard))
+
+
 def resolve_inline(inline: dict[str, Any], shape: ModelShape, eps: float) -> ResolvedSteering:
     """Inline expert sets, validated and checked against the served shape."""
     try:
@@ -340,6 +476,7 @@ def _resolved(sets: ExpertSteering, label: str, eps: float) -> ResolvedSteering:
         activate=dict(sets.activate),
         deactivate=dict(sets.deactivate),
         eps=sets.eps if sets.eps is not None else eps,
+        bias={layer: dict(row) for layer, row in sets.bias.items()},
     )
 
 

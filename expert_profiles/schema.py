@@ -3,14 +3,16 @@
 ```json
 {"format": "steermoe-profile/1", "name": "safety",
  "model": {"architecture": "OlmoeForCausalLM", "num_layers": 16, "num_experts": 64, "top_k": 8},
- "activate": {"3": [12, 40]}, "deactivate": {"5": [7]},
+ "activate": {"3": [12, 40]}, "deactivate": {"5": [7]}, "bias": {"4": {"9": 1.5, "2": -0.8}},
  "eps": 0.01, "description": "...", "source": {...}}
 ```
 LAYER keys are 0-based decoder-layer indices as vLLM numbers them; experts are 0-based.
-`eps` is optional (the engine default applies). `tags` is an optional list of labels
-(`lowers-safety` marks a profile that removes guardrails).
+`eps` is optional (the engine default applies). `bias` (optional) is graded steering: a real
+value per expert added in log-softmax space (`vllm_patches.steering_math`), |value| at most
+`MAX_BIAS`; an expert that a layer activates or deactivates takes no bias there. `tags` is an
+optional list of labels (`lowers-safety` marks a profile that removes guardrails).
 
-Steering that selects no expert at all (no activated and no deactivated expert in any layer,
+Steering that selects no expert at all (no activated, deactivated or biased expert in any layer,
 e.g. `{}` or `{"activate": {"3": []}}`) is refused, inline in a request and as a profile alike:
 it would change nothing, and a request that asked for steering must not silently run without
 it.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Any, Literal
 
@@ -38,8 +41,10 @@ from expert_profiles.model_shape import ModelShape
 PROFILE_FORMAT = "steermoe-profile/1"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_EPS = 100.0
+# The largest |bias| of graded steering, in log-softmax space (e^50: beyond any router margin).
+MAX_BIAS = 50.0
 EMPTY_STEERING_MESSAGE = (
-    "steering selects no experts: give at least one expert to activate or deactivate"
+    "steering selects no experts: give at least one expert to activate, deactivate or bias"
 )
 # The pydantic error type of empty steering (`ValidationError.errors()[i]["type"]`).
 EMPTY_STEERING_ERROR = "empty_steering"
@@ -112,6 +117,45 @@ def _normalise_sets(value: Any) -> ExpertSets:
     return out
 
 
+ExpertBias = dict[int, dict[int, float]]
+
+
+def _index_key(key: Any, what: str) -> int:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and re.fullmatch(r"0|[1-9][0-9]{0,8}", key):
+        return int(key)
+    raise ValueError(f"{what} key {_echo(key)} is not a decimal index")
+
+
+def _normalise_bias(value: Any) -> ExpertBias:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("must be an object mapping layer index to {expert index: bias}")
+    out: ExpertBias = {}
+    for layer, experts in value.items():
+        layer_index = _index_key(layer, "layer")
+        if layer_index in out or layer_index < 0:
+            raise ValueError(f"layer {layer_index} is listed twice or negative")
+        if not isinstance(experts, dict):
+            raise ValueError(f"layer {layer_index}: bias must map expert index to a number")
+        row: dict[int, float] = {}
+        for expert, bias in experts.items():
+            expert_index = _index_key(expert, f"layer {layer_index}: expert")
+            if expert_index in row:
+                raise ValueError(f"layer {layer_index}: expert {expert_index} is listed twice")
+            if not isinstance(bias, (int, float)) or isinstance(bias, bool) \
+                    or not math.isfinite(bias) or abs(bias) > MAX_BIAS:
+                raise ValueError(f"layer {layer_index}: expert {expert_index}: bias must be a "
+                                 f"finite number in [-{MAX_BIAS:g}, {MAX_BIAS:g}]")
+            if bias != 0:
+                row[expert_index] = float(bias)
+        if row:
+            out[layer_index] = dict(sorted(row.items()))
+    return out
+
+
 class ExpertSteering(BaseModel):
     """Experts to switch on and off, per decoder layer; the part of a profile the engine uses."""
 
@@ -119,12 +163,18 @@ class ExpertSteering(BaseModel):
 
     activate: ExpertSets = Field(default_factory=dict)
     deactivate: ExpertSets = Field(default_factory=dict)
+    bias: ExpertBias = Field(default_factory=dict)
     eps: float | None = Field(default=None, gt=0, le=MAX_EPS)
 
     @field_validator("activate", "deactivate", mode="before")
     @classmethod
     def _check_sets(cls, value: Any) -> ExpertSets:
         return _normalise_sets(value)
+
+    @field_validator("bias", mode="before")
+    @classmethod
+    def _check_bias(cls, value: Any) -> ExpertBias:
+        return _normalise_bias(value)
 
     @model_validator(mode="after")
     def _no_overlap(self) -> ExpertSteering:
@@ -134,6 +184,12 @@ class ExpertSteering(BaseModel):
                 raise ValueError(
                     f"layer {layer}: experts {sorted(both)} are both activated and deactivated"
                 )
+        for layer, biased in self.bias.items():
+            switched = set(self.activate.get(layer, [])) | set(self.deactivate.get(layer, []))
+            both = sorted(switched & set(biased))
+            if both:
+                raise ValueError(f"layer {layer}: experts {both[:8]} are switched on or off and "
+                                 "also biased")
         return self
 
     @model_validator(mode="after")
@@ -148,12 +204,14 @@ class ExpertSteering(BaseModel):
         Validation refuses such steering, so this holds only for an instance built without
         validation (`model_construct`) or changed after it (assignment is not validated).
         """
-        return not self.activate and not self.deactivate
+        return not self.activate and not self.deactivate and not self.bias
 
     def check_shape(self, shape: ModelShape) -> None:
         """Raise ProfileMismatchError unless every layer and expert exists in `shape`."""
         moe_layers = set(shape.moe_layers)
-        for kind, sets in (("activate", self.activate), ("deactivate", self.deactivate)):
+        biased = {layer: sorted(row) for layer, row in self.bias.items()}
+        for kind, sets in (("activate", self.activate), ("deactivate", self.deactivate),
+                           ("bias", biased)):
             for layer, experts in sets.items():
                 if not 0 <= layer < shape.num_layers:
                     raise ProfileMismatchError(
@@ -185,12 +243,16 @@ class ExpertSteering(BaseModel):
                 )
 
     def digest(self, default_eps: float) -> str:
-        """A stable hash of what the engine applies (sets and effective eps)."""
-        payload = {
+        """A stable hash of what the engine applies (sets, bias and effective eps); steering
+        without bias hashes as it did before bias existed."""
+        payload: dict[str, Any] = {
             "activate": {str(k): v for k, v in sorted(self.activate.items())},
             "deactivate": {str(k): v for k, v in sorted(self.deactivate.items())},
             "eps": self.eps if self.eps is not None else default_eps,
         }
+        if self.bias:
+            payload["bias"] = {str(layer): {str(e): v for e, v in sorted(row.items())}
+                               for layer, row in sorted(self.bias.items())}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -238,6 +300,8 @@ class SteeringProfile(ExpertSteering):
 
     def to_json(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True)
+        if not data.get("bias"):
+            data.pop("bias", None)
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
 

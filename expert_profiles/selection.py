@@ -12,6 +12,11 @@ With RD = p1 - p2 per (layer, expert) and the direction's sign s (+1 for `1to2`,
    is dropped, not replaced.
 4. Rows with score 0 are never chosen; if fewer than N (M) rows qualify, all of them are used.
 
+Graded (`graded_bias`): the same experts, each given a bias instead of a switch,
++scale * |RD| for those the rule activates and -scale * |RD| for those it deactivates, clipped
+to +-`MAX_BIAS` (rule `steermoe-rd-graded/1`): the experts that separate the sides most are
+pushed hardest, and a request's `steering_strength` scales them all.
+
 `1to2` activates the experts side 1 uses more and deactivates those side 2 uses more: it steers
 toward side 1's behaviour. `2to1` swaps the sides (the published tables' "Reverse").
 """
@@ -24,10 +29,12 @@ from typing import Literal
 import numpy as np
 
 from expert_profiles.expert_stats import ExpertStats
+from expert_profiles.schema import MAX_BIAS
 
 Direction = Literal["1to2", "2to1"]
 DIRECTIONS: tuple[Direction, ...] = ("1to2", "2to1")
 RULE = "steermoe-rd/1"
+GRADED_RULE = "steermoe-rd-graded/1"
 
 
 @dataclass
@@ -57,6 +64,24 @@ class Selection:
             "deactivated": deactivated,
             "deactivate_dropped_by_layer_cap": self.deactivate_dropped,
         }
+
+
+def graded_bias(stats: ExpertStats, selection: Selection,
+                scale: float) -> dict[int, dict[int, float]]:
+    """The selection as biases: +scale*|RD| for activated, -scale*|RD| for deactivated experts
+    (clipped to +-MAX_BIAS; rounded to 6 decimals so profiles stay readable)."""
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"the graded scale must be a positive number, got {scale}")
+    rd = {(int(layer), int(expert)): abs(float(value))
+          for layer, expert, value in zip(stats.layer, stats.expert, stats.rd, strict=True)}
+    bias: dict[int, dict[int, float]] = {}
+    for sign, sets in ((1.0, selection.activate), (-1.0, selection.deactivate)):
+        for layer, experts in sets.items():
+            for expert in experts:
+                value = round(sign * min(scale * rd[(layer, expert)], MAX_BIAS), 6)
+                if value:
+                    bias.setdefault(layer, {})[expert] = value
+    return {layer: dict(sorted(row.items())) for layer, row in sorted(bias.items())}
 
 
 def ranking(stats: ExpertStats) -> np.ndarray:

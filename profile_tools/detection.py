@@ -29,6 +29,7 @@ import numpy as np
 
 from expert_profiles.atomic_files import write_atomic
 from expert_profiles.expert_stats import ExpertStats
+from expert_profiles.guard import RoutingCountError, count_routed_experts
 from expert_profiles.model_shape import ModelShape, shape_from_hf_config
 from expert_profiles.pairs import (
     Pair,
@@ -58,24 +59,16 @@ class DetectionError(RuntimeError):
 
 def count_target_experts(expert_ids: np.ndarray, start: int, end: int,
                          num_experts: int) -> np.ndarray:
-    """[moe layer, expert] counts of top-k membership over token rows start..end-1.
+    """[moe layer, expert] counts of top-k membership over token rows start..end-1
+    (`expert_profiles.guard.count_routed_experts`; its errors as DetectionError).
 
     `expert_ids` is a routing capture [tokens, moe layers, top_k]; a -1 in the span means the
     token was not computed (prefix cache) and is an error.
     """
-    rows = np.asarray(expert_ids)[start:end]
-    if len(rows) != end - start:
-        raise DetectionError(f"the routing capture has {len(expert_ids)} rows, need {end}")
-    if (rows < 0).any():
-        raise DetectionError(
-            "the routing capture has uncomputed target tokens (-1): start the engine with "
-            "enable_prefix_caching=False"
-        )
-    if (rows >= num_experts).any():
-        raise DetectionError("the routing capture names an expert beyond the model's experts")
-    num_layers = rows.shape[1]
-    flat = (np.arange(num_layers)[None, :, None] * num_experts + rows).ravel()
-    return np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+    try:
+        return count_routed_experts(expert_ids, start, end, num_experts)
+    except RoutingCountError as exc:
+        raise DetectionError(str(exc)) from None
 
 
 @dataclass
@@ -286,8 +279,11 @@ def detect_profile(llm: Any, pairs_path: str | Path, out_dir: str | Path, *, nam
                    direction: Direction = "1to2", batch_size: int = DEFAULT_BATCH_SIZE,
                    resume: bool = False, overwrite: bool = False, description: str = "",
                    tokenizer: Any = None, heatmap: bool = True,
-                   progress: bool = True) -> DetectionResult:
+                   progress: bool = True, graded: float | None = None) -> DetectionResult:
     """Count expert activations of the pairs on `llm` and write NAME.json with its statistics.
+
+    `graded`: write biases of `graded` * RD on the selected experts instead of switches
+    (`selection.graded_bias`).
 
     `llm` must have been started with enable_prefix_caching=False (`start_detection_engine`).
     """
@@ -373,6 +369,7 @@ def detect_profile(llm: Any, pairs_path: str | Path, out_dir: str | Path, *, nam
     }
     profile = profile_from_selection(
         name, shape, selection, source=source,
+        graded=None if graded is None else (stats, graded),
         description=description or (
             f"Detected from {pairs_path.name} ({state.pairs_used} pairs), "
             f"steering toward side {'1' if direction == '1to2' else '2'}"

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -225,6 +226,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     validate_name(name)
     if not Path(args.pairs).is_file():
         raise CliError(f"{args.pairs} does not exist")
+    if args.graded is not None and not (math.isfinite(args.graded) and args.graded > 0):
+        raise CliError(f"--graded must be a positive number, got {args.graded}")
     store = ProfileStore(args.out)
     if store.exists(name) and not args.overwrite:
         raise CliError(f"profile {name!r} already exists in {args.out} (use --overwrite)")
@@ -233,9 +236,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
         llm, args.pairs, args.out, name=name, activate=args.activate,
         deactivate=args.deactivate, direction=args.direction, batch_size=args.batch_size,
         resume=args.resume, overwrite=args.overwrite, description=args.description or "",
-        heatmap=not args.no_heatmap, progress=not args.no_progress,
+        heatmap=not args.no_heatmap, progress=not args.no_progress, graded=args.graded,
     )
-    print(f"profile {name}: {result.activated} activated, {result.deactivated} deactivated "
+    chosen = (f"{result.activated + result.deactivated} experts biased by {args.graded:g} * RD"
+              if args.graded is not None else
+              f"{result.activated} activated, {result.deactivated} deactivated")
+    print(f"profile {name}: {chosen} "
           f"({result.pairs_used} pairs used, {result.pairs_skipped} skipped)")
     print(f"  profile    {result.profile_path}")
     print(f"  statistics {result.stats_path}")
@@ -308,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", required=True, help="profile directory to write to")
     sub.add_argument("--name", help="profile name (default: the pairs file's stem)")
     _selection_flags(sub, default_activate=10, default_deactivate=10)
+    sub.add_argument("--graded", type=float, metavar="SCALE",
+                     help="write graded steering: a bias of SCALE * RD on each selected expert "
+                     "(+ for those it would activate, - for those it would deactivate) instead "
+                     "of switches; requests scale it with steering_strength")
     sub.add_argument("--batch-size", type=int, default=32, help="pairs per batch (default 32)")
     sub.add_argument("--max-model-len", type=int)
     sub.add_argument("--dtype")

@@ -32,6 +32,8 @@ class AuditRecord:
     error: str | None = None
     # A Responses continuation run with the steering of the response it continues.
     inherited: bool = False
+    # The request's steering_strength (None: full strength).
+    strength: float | None = None
 
     def to_json(self) -> str:
         data = {"time": _utc_now(), "event": "steered_request", **asdict(self)}

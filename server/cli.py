@@ -3,6 +3,7 @@
     steermoe serve MODEL ...   the OpenAI-compatible steering server (server.serve_command)
     steermoe run-batch ...     vLLM's batch runner, steered per line (server.run_batch_command)
     steermoe profile ...       profiles: manage, detect, import (profile_tools.profile_cli)
+    steermoe guard ...         routing guards: train, show (profile_tools.guard_cli)
     steermoe demo ...          the demo model with planted behaviours (profile_tools.demo)
     steermoe eval ...          behaviour rates per steering setting (profile_tools.evaluation)
     steermoe audit ...         refusal rate as top-N safety experts are suppressed
@@ -21,6 +22,7 @@ commands:
   run-batch run an OpenAI batch file with the steering options of serve, per line
             (steermoe run-batch -i IN.jsonl -o OUT.jsonl MODEL [options]; see --help)
   profile   manage, detect and import steering profiles (see steermoe profile --help)
+  guard     train and show routing guards over prompt routing (see steermoe guard --help)
   demo      build, prepare and serve the demo model (see steermoe demo --help)
   eval      behaviour rate per steering setting against an OpenAI-compatible server
   audit     refusal rate as the top-N safety experts are suppressed"""
@@ -40,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from profile_tools.profile_cli import profile_main
 
         return int(profile_main(args[1:]) or 0)
+    if args and args[0] == "guard":
+        from profile_tools.guard_cli import main as guard_main
+
+        return int(guard_main(args[1:]) or 0)
     if args and args[0] == "demo":
         from profile_tools.demo.cli import main as demo_main
         from server.serve_command import serve_main

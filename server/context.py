@@ -80,9 +80,11 @@ class SteeringContext:
             shape = rs.require_steerable(shape, reason)
             if decision.profile is not None:
                 profiles = decision.loaded or self.policy.load_profiles(decision.profile)
-                return rs.resolve_profiles(profiles, shape, model.eps)
-            assert decision.inline is not None
-            return rs.resolve_inline(decision.inline, shape, model.eps)
+                resolved = rs.resolve_profiles(profiles, shape, model.eps)
+            else:
+                assert decision.inline is not None
+                resolved = rs.resolve_inline(decision.inline, shape, model.eps)
+            return rs.scaled(resolved, decision.strength)
         except rs.SteeringRequestError as exc:
             raise as_http_error(exc, param) from None
 

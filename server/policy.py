@@ -15,6 +15,7 @@ from expert_profiles.request_steering import (
     CAPTURE_KEY,
     INLINE_KEY,
     PROFILE_KEY,
+    STRENGTH_KEY,
     ProfileCache,
     RequestedSteering,
     SteeringRequestError,
@@ -35,6 +36,8 @@ class SteeringDecision:
     profile: str | None = None
     inline: dict[str, Any] | None = None
     capture: bool = False
+    # The request's `steering_strength` (None: full strength).
+    strength: float | None = None
     # The profiles as the policy read them (one, or the parts of a composition `A+B`):
     # resolution uses these objects, never a later read. Empty: not read yet (locked endpoints).
     loaded: tuple[SteeringProfile, ...] = field(default=(), compare=False, repr=False)
@@ -105,6 +108,11 @@ class SteeringPolicy:
                 "(the operator starts it with --allow-routing-capture)", param=CAPTURE_KEY,
             )
         if locked_profile is not None:
+            if requested.strength is not None:
+                raise SteeringHTTPError(
+                    403, f"endpoint {endpoint!r} always runs steering profile "
+                    f"{locked_profile!r} at full strength; steering_strength is not accepted "
+                    "here", param=STRENGTH_KEY)
             return self._locked(endpoint, locked_profile, requested)
         if requested.inline is not None:
             if not self.config.allow_inline_steering:
@@ -113,7 +121,8 @@ class SteeringPolicy:
                     "starts it with --allow-inline-steering); select a steering_profile",
                     param=INLINE_KEY,
                 )
-            return SteeringDecision(endpoint, inline=requested.inline, capture=requested.capture)
+            return SteeringDecision(endpoint, inline=requested.inline, capture=requested.capture,
+                                    strength=requested.strength)
         if requested.profile is None:
             return SteeringDecision(endpoint, capture=requested.capture)
         profiles = self.load_profiles(requested.profile)
@@ -124,7 +133,8 @@ class SteeringPolicy:
                     "this server", param=PROFILE_KEY,
                 )
         return SteeringDecision(endpoint, profile=composed_name([p.name for p in profiles]),
-                                capture=requested.capture, loaded=profiles)
+                                capture=requested.capture, strength=requested.strength,
+                                loaded=profiles)
 
     def _locked(self, endpoint: str | None, profile: str,
                 requested: RequestedSteering) -> SteeringDecision:

@@ -22,6 +22,7 @@ from expert_profiles.request_steering import (
     REQUEST_KEYS,
     RESERVED_KEYS,
     RESOLVED_KEY,
+    STRENGTH_KEY,
     RequestedSteering,
     ResolvedSteering,
     SteeringRequestError,
@@ -123,7 +124,8 @@ def take_steering(body: dict[str, Any]) -> tuple[RequestedSteering, dict[str, An
 
 def with_steering(body: dict[str, Any], profile: str | None, inline: dict[str, Any] | None,
                   capture: bool, key: bytes | None = None,
-                  resolved: ResolvedSteering | None = None) -> dict[str, Any]:
+                  resolved: ResolvedSteering | None = None,
+                  strength: float | None = None) -> dict[str, Any]:
     """`body` (without steering fields) carrying the steering to apply in `vllm_xargs`.
 
     With `key` (the server's secret, under `steermoe serve`) it carries the `resolved` expert
@@ -139,6 +141,8 @@ def with_steering(body: dict[str, Any], profile: str | None, inline: dict[str, A
         steering[PROFILE_KEY] = profile
     elif inline is not None:
         steering[INLINE_KEY] = inline_to_wire(inline)
+    if strength is not None and RESOLVED_KEY not in steering and steering:
+        steering[STRENGTH_KEY] = strength
     if capture:
         steering[CAPTURE_KEY] = 1
     if steering and key is not None:

@@ -86,6 +86,7 @@ def record_completion(context: SteeringContext, trace: CompletionTrace, status: 
         endpoint=_short(trace.endpoint),
         profile=decision.profile if decision is not None else _short(requested.profile),
         inline=(decision.inline if decision is not None else requested.inline) is not None,
+        strength=decision.strength if decision is not None else requested.strength,
         digest=resolved.digest if resolved is not None else None,
         locked=trace.locked,
         inherited=trace.inherited,

@@ -68,12 +68,15 @@ def unique_request_id(given: Any) -> str:
 
 def steering_header(decision: SteeringDecision | None, resolved: ResolvedSteering | None,
                     served_names: tuple[str, ...] = ()) -> str:
-    """`profile=NAME; endpoint=E; digest=D`, `inline; endpoint=E; digest=D`, or `none`.
+    """`profile=NAME; endpoint=E; digest=D`, `inline; endpoint=E; digest=D`, or `none`;
+    `strength=S` follows the profile when the request scaled it.
 
     The endpoint appears only if it is a served name (never the client's text as sent)."""
     if decision is None or not decision.steered:
         return "none"
     parts = [f"profile={decision.profile}" if decision.profile is not None else "inline"]
+    if decision.strength is not None:
+        parts.append(f"strength={decision.strength:g}")
     if decision.endpoint and decision.endpoint in served_names:
         parts.append(f"endpoint={clip(decision.endpoint)}")
     if resolved is not None:
@@ -90,6 +93,7 @@ def steering_field(decision: SteeringDecision | None,
         "inline": decision.inline is not None,
         "endpoint": decision.endpoint,
         "locked": decision.locked,
+        "strength": decision.strength if decision.strength is not None else 1.0,
         "digest": resolved.digest if resolved is not None else None,
     }
 
@@ -152,7 +156,7 @@ def plan_request(context: SteeringContext, kind: str, body: dict[str, Any],
         plan.request_id_header = unique_request_id(client_request_id)
         plan.capture_ids = compat.capture_ids(kind, plan.request_id_header)
     plan.body = with_steering(rest, decision.profile, decision.inline, decision.capture,
-                              server_key(), trace.resolved)
+                              server_key(), trace.resolved, decision.strength)
     return plan
 
 
@@ -192,9 +196,11 @@ def stored_steering(trace: CompletionTrace, served_names: tuple[str, ...]) -> St
     inherited = RequestedSteering()
     if decision is not None:
         if decision.profile is not None:
-            inherited = RequestedSteering(profile=decision.profile, profile_given=True)
+            inherited = RequestedSteering(profile=decision.profile, profile_given=True,
+                                          strength=decision.strength)
         elif decision.inline is not None and resolved is not None:
-            inherited = RequestedSteering(inline=inline_sets(resolved))
+            inherited = RequestedSteering(inline=inline_sets(resolved),
+                                          strength=decision.strength)
     return StoredSteering(
         endpoint=clip(trace.endpoint or ""), locked=trace.locked, requested=inherited,
         field=steering_field(decision, resolved),
@@ -204,6 +210,10 @@ def stored_steering(trace: CompletionTrace, served_names: tuple[str, ...]) -> St
 
 def inline_sets(resolved: ResolvedSteering) -> dict[str, Any]:
     """Resolved inline steering as inline steering again (bounded by the model's shape)."""
-    return {"activate": {str(k): v for k, v in resolved.activate.items()},
-            "deactivate": {str(k): v for k, v in resolved.deactivate.items()},
-            "eps": resolved.eps}
+    sets: dict[str, Any] = {"activate": {str(k): v for k, v in resolved.activate.items()},
+                            "deactivate": {str(k): v for k, v in resolved.deactivate.items()},
+                            "eps": resolved.eps}
+    if resolved.bias:
+        sets["bias"] = {str(layer): {str(e): v for e, v in row.items()}
+                        for layer, row in resolved.bias.items()}
+    return sets

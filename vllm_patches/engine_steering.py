@@ -4,8 +4,11 @@
 loaded, attaches a `LayerSteering` to every MoE layer (how: its router kind, `routers`), and
 calls `forget` (finished and newly scheduled request ids), then `prepare_step` /
 `finish_step` around each forward pass with plain data (request ids, token counts,
-positions). Nothing a request carries makes these raise: a request whose steering or capture
-cannot be used runs without it, with an error logged. No vLLM import here. All state is this
+positions, prompt lengths). Guarded requests (`guard_spec`) run unsteered while their prompt is
+computed; their prompt's routing is counted from the capture buffer, and after the last prompt
+token the guard's score decides whether the request's later tokens are steered
+(`guard_decisions`). Nothing a request carries makes these raise: a request whose steering or
+capture cannot be used runs without it, with an error logged. No vLLM import here. All state is this
 engine's: the ops find it again by layer name (`steering_ops`).
 """
 
@@ -14,28 +17,44 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from expert_profiles.echo import clip
+from expert_profiles.guard_spec import GuardSpec
 from expert_profiles.request_steering import (
     CAPTURE_ID_KEY,
     CAPTURE_KEY,
+    GUARD_ID_KEY,
     INLINE_KEY,
     PROFILE_KEY,
     RESOLVED_KEY,
     ResolvedSteering,
 )
 from vllm_patches import steering_ops
+from vllm_patches.guard_decisions import GuardDecisions
 from vllm_patches.routing_capture import RoutingRecorder
 from vllm_patches.steering_table import SteeringTable, StepPlan
 
 logger = logging.getLogger("steermoe")
 
 ExtraArgsOf = Callable[[str], dict[str, Any] | None]
+PromptLenOf = Callable[[str], int]
+
+
+@dataclass
+class _Guarded:
+    """A guarded request while its prompt is computed: its prompt routing counted so far."""
+
+    guard: GuardSpec
+    steering: ResolvedSteering  # applied once the guard fires (without the guard)
+    prompt_len: int
+    counts: np.ndarray
+    decision_id: str  # the id its decision is kept under (the caller's request id)
+    tokens: int = 0
 
 
 @dataclass
@@ -77,7 +96,9 @@ class LayerSteering:
         self.flags = flags
         self.token_profiles = table.token_profiles
         self.masks = table.layer_masks(layer)
+        self.bias = table.layer_bias(layer)
         self.eps = table.eps
+        self.strength = table.strength
         self.record = recorder.buffer[recorder.moe_layers.index(layer)]
         # Routes steered rows again (correction-bias routers: routers.sigmoid_bias_grouped).
         self.rerouter: Callable[..., None] | None = None
@@ -86,7 +107,8 @@ class LayerSteering:
         if _idle(self.flags.steering_active, router_logits):
             return router_logits
         torch.ops.steermoe.steer_router_logits_(
-            router_logits, self.token_profiles, self.masks, self.eps, self.layer_name
+            router_logits, self.token_profiles, self.masks, self.eps, self.bias, self.strength,
+            self.layer_name
         )
         return router_logits
 
@@ -161,6 +183,11 @@ class EngineSteering:
         self.flags = steering_ops.StepFlags()
         self._capture_ids: dict[str, str | None] = {}
         self._capture_owner: dict[str, str] = {}
+        # Guarded requests: undecided (prompt being computed), and decided (what they run).
+        self._guarded: dict[str, _Guarded] = {}
+        self._decided: dict[str, ResolvedSteering | None] = {}
+        self._guard_step: list[tuple[str, int, int, bool]] = []
+        self.guard_decisions = GuardDecisions()
 
     def layer_hook(self, layer: int, layer_name: str | None = None) -> LayerSteering:
         """The steering of MoE layer `layer`, registered in vLLM under `layer_name`."""
@@ -176,6 +203,8 @@ class EngineSteering:
         ids = list(req_ids)
         self.table.forget(ids)
         for req_id in ids:
+            self._guarded.pop(req_id, None)
+            self._decided.pop(req_id, None)
             capture_id = self._capture_ids.pop(req_id, None)
             if capture_id is not None and self._capture_owner.get(capture_id) == req_id:
                 del self._capture_owner[capture_id]
@@ -203,38 +232,117 @@ class EngineSteering:
         self._capture_ids[req_id] = capture_id
         return capture_id
 
+    def _guard_problem(self, guard: GuardSpec) -> str | None:
+        if [info.layer for info in self.layers] != list(self.model_layers):
+            return "guards need every MoE layer in one worker (no pipeline parallelism)"
+        return guard.problem(list(self.model_layers), self.layers[0].num_experts)
+
+    def _steering(self, req_id: str, extra_args_of: ExtraArgsOf,
+                  prompt_len_of: PromptLenOf | None) -> ResolvedSteering | None:
+        """What a request runs with now: a guarded request is unsteered until its guard has
+        decided, then the guard's steering if it fired. Never raises."""
+        if req_id in self._decided:
+            return self._decided[req_id]
+        steering = steering_of(extra_args_of(req_id), req_id)
+        if steering is None or steering.guard is None:
+            return steering
+        guard = steering.guard
+        if req_id not in self._guarded:
+            try:
+                problem = self._guard_problem(guard)
+                prompt_len = int(prompt_len_of(req_id)) if prompt_len_of is not None else 0
+            except Exception as exc:
+                problem, prompt_len = f"{type(exc).__name__}: {exc}", 0
+            if problem is None and prompt_len <= 0:
+                problem = "the prompt length is unknown here"
+            if problem is not None:
+                logger.error("steermoe: request '%s' runs unsteered: its guard cannot run in "
+                             "this engine (%s)", clip(req_id), clip(problem, 200))
+                self._decided[req_id] = None
+                return None
+            counts = np.zeros((len(self.layers), self.layers[0].num_experts), dtype=np.int64)
+            args = extra_args_of(req_id) or {}
+            self._guarded[req_id] = _Guarded(guard, replace(steering, guard=None), prompt_len,
+                                             counts, str(args.get(GUARD_ID_KEY, req_id)))
+        return None
+
     def prepare_step(
         self,
         req_ids: Sequence[str],
         num_tokens: np.ndarray,
         first_positions: np.ndarray,
         extra_args_of: ExtraArgsOf,
+        prompt_len_of: PromptLenOf | None = None,
     ) -> None:
         """Before the forward pass: per-token steering and what to record."""
         plan = StepPlan(list(req_ids), num_tokens, first_positions)
-
-        def lookup(req_id: str) -> ResolvedSteering | None:
-            return steering_of(extra_args_of(req_id), req_id)
-
-        self.table.prepare_step(plan, lookup)
+        self.table.prepare_step(plan, lambda r: self._steering(r, extra_args_of, prompt_len_of))
         entries = []
+        self._guard_step = []
         start = 0
         for req_id, count, first in zip(plan.req_ids, num_tokens, first_positions, strict=True):
             capture_id = self._capture_id(req_id, extra_args_of)
             if capture_id is not None and count > 0:
                 entries.append((capture_id, start, int(count), int(first)))
+            guarded = self._guarded.get(req_id)
+            if guarded is not None:
+                in_prompt = min(int(first) + int(count), guarded.prompt_len) - int(first)
+                if in_prompt > 0:
+                    done = int(first) + int(count) >= guarded.prompt_len
+                    self._guard_step.append((req_id, start, in_prompt, done))
             start += int(count)
         self.recorder.plan_step(entries)
         self.flags.steering_active = self.table.steering_active
-        self.flags.recording = self.recorder.recording
+        self.flags.graded = self.table.graded_active
+        self.flags.recording = self.recorder.recording or bool(self._guard_step)
+
+    def _count_guarded(self) -> None:
+        """After the forward pass: add this step's prompt routing of guarded requests; decide
+        those whose prompt is complete (their next steps resolve again: `table.forget`)."""
+        step, self._guard_step = self._guard_step, []
+        total = max(start + count for _, start, count, _ in step)
+        ids = self.recorder.buffer[:, :total].cpu().numpy()  # [layers, tokens, k]
+        num_experts = self.layers[0].num_experts
+        offsets = (np.arange(ids.shape[0]) * num_experts)[:, None, None]
+        for req_id, start, count, done in step:
+            guarded = self._guarded.get(req_id)
+            if guarded is None:
+                continue
+            try:
+                rows = ids[:, start:start + count]
+                flat = (offsets + rows).ravel()
+                guarded.counts += np.bincount(flat, minlength=guarded.counts.size).reshape(
+                    guarded.counts.shape)
+                guarded.tokens += count
+                if done:
+                    score = guarded.guard.score(guarded.counts, guarded.tokens)
+                    fired = guarded.guard.fires(score)
+                    self._decide(req_id, guarded, guarded.steering if fired else None,
+                                 {"guard": guarded.guard.name, "fired": fired,
+                                  "score": round(score, 6), "prompt_tokens": guarded.tokens})
+            except Exception as exc:  # one request's guard must not fail the step
+                logger.error("steermoe: the guard of request '%s' failed; it runs unsteered "
+                             "(%s)", clip(req_id), clip(f"{type(exc).__name__}: {exc}", 200))
+                self._decide(req_id, guarded, None, {"guard": guarded.guard.name, "fired": False,
+                                            "score": None, "error": "the guard failed"})
+
+    def _decide(self, req_id: str, guarded: _Guarded, steering: ResolvedSteering | None,
+                decision: dict[str, Any]) -> None:
+        self._guarded.pop(req_id, None)
+        self._decided[req_id] = steering
+        self.table.forget([req_id])
+        self.guard_decisions.put(guarded.decision_id, decision)
 
     def finish_step(self) -> None:
         """After the forward pass: collect recorded routing (per request, never raises for
         one request's record)."""
         try:
+            if self._guard_step:
+                self._count_guarded()
             self.recorder.collect_step()
         finally:
             self.flags.steering_active = False
+            self.flags.graded = False
             self.flags.recording = False
 
     def describe(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@
 * a steered row's max / min over its first E columns (E = layer_masks.shape[1]) are taken in
   float32; activated experts get `max + eff_eps`, deactivated ones `min - eff_eps`
   (`steering_math.effective_eps`), rounded once to the logits' dtype, exactly as the edit does;
+  graded steering (optional `layer_bias` [P, E], `strength` [P]) moves them as the edit does
+  (`steering_math`), rounded once;
 * softmax in float32 over all columns (columns >= E are routed but never steered), top-k by
   repeated arg-max with ties going to the lowest expert id (vLLM's `topk_softmax` rule),
   weights in descending order, optionally renormalised over the k (this is also top-k then
@@ -118,6 +120,8 @@ def steered_logits_fp32(
     token_profiles: torch.Tensor,
     layer_masks: torch.Tensor,
     eps: torch.Tensor,
+    layer_bias: torch.Tensor | None = None,
+    strength: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 copy of `steering_math.steer_router_logits(...)`, computed for every row.
 
@@ -135,11 +139,22 @@ def steered_logits_fp32(
     row_eps = eps[profiles].float().unsqueeze(1)
     z_max = z.amax(dim=1, keepdim=True)
     z_min = z.amin(dim=1, keepdim=True)
-    high = (z_max + effective_eps(row_eps, z_max, dtype)).to(dtype).float()
-    low = (z_min - effective_eps(row_eps, z_min, dtype)).to(dtype).float()
+    high = z_max + effective_eps(row_eps, z_max, dtype)
+    low = z_min - effective_eps(row_eps, z_min, dtype)
     # Unsteered rows read mask row 0, which a caller may have left non-zero: ignore it there.
-    masks = torch.where(profiles.unsqueeze(1) != 0, masks, torch.zeros_like(masks))
-    edited = torch.where(masks == ACTIVATE, high, torch.where(masks == DEACTIVATE, low, z))
+    steered = profiles.unsqueeze(1) != 0
+    masks = torch.where(steered, masks, torch.zeros_like(masks))
+    bias = (torch.where(steered, layer_bias[profiles].float(), 0.0) if layer_bias is not None
+            else torch.zeros_like(z))
+    lam = (strength[profiles].float() if strength is not None
+           else torch.ones(num_tokens, device=z.device)).unsqueeze(1)
+    full = lam == 1.0
+    high = torch.where(full, high, (1.0 - lam) * z + lam * high)
+    low = torch.where(full, low, (1.0 - lam) * z + lam * low)
+    graded = torch.where(masks == ACTIVATE, high,
+                         torch.where(masks == DEACTIVATE, low, z + lam * bias))
+    touched = (masks != 0) | (bias != 0)
+    edited = torch.where(touched, graded.to(dtype).float(), z)
     if num_experts == x.shape[1]:
         return edited
     return torch.cat([edited, x[:, num_experts:]], dim=1)
@@ -199,12 +214,15 @@ def steered_topk_torch(
     routed_scaling_factor: float = 1.0,
     indices_type: torch.dtype | None = None,
     record: torch.Tensor | None = None,
+    layer_bias: torch.Tensor | None = None,
+    strength: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fused_steered_topk` in plain torch (any device; no host sync, graph-capturable)."""
     _check_args(router_logits, token_profiles, layer_masks, eps, top_k, num_expert_group,
                 topk_group)
     _check_record(record, router_logits.shape[0], top_k)
-    edited = steered_logits_fp32(router_logits, token_profiles, layer_masks, eps)
+    edited = steered_logits_fp32(router_logits, token_profiles, layer_masks, eps, layer_bias,
+                                 strength)
     weights, ids = route_softmax_topk(
         edited, top_k, renormalize, num_expert_group, topk_group, routed_scaling_factor
     )
@@ -233,6 +251,8 @@ def _kernel() -> Any:
         profiles_ptr,
         masks_ptr,
         eps_ptr,
+        bias_ptr,
+        strength_ptr,
         num_tokens,
         num_cols,
         num_experts,
@@ -247,6 +267,9 @@ def _kernel() -> Any:
         stride_mr,
         stride_mc,
         stride_eps,
+        stride_br,
+        stride_bc,
+        stride_s,
         TOP_K: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_T: tl.constexpr,
@@ -283,25 +306,35 @@ def _kernel() -> Any:
         row_eps = tl.load(eps_ptr + profile * stride_eps, mask=row_ok, other=0.0).to(tl.float32)
         high = z_max + tl.maximum(row_eps, RESOLUTION * tl.maximum(tl.abs(z_max), 1.0))
         low = z_min - tl.maximum(row_eps, RESOLUTION * tl.maximum(tl.abs(z_min), 1.0))
-        if CAST_KIND == 1:
-            # fp32 -> bf16 round-to-nearest-even on the bits, and back to fp32 (exact).
-            hb = high.to(tl.uint32, bitcast=True)
-            lb = low.to(tl.uint32, bitcast=True)
-            hb = ((hb + 0x7FFF + ((hb >> 16) & 1)) >> 16) << 16
-            lb = ((lb + 0x7FFF + ((lb >> 16) & 1)) >> 16) << 16
-            high = hb.to(tl.float32, bitcast=True)
-            low = lb.to(tl.float32, bitcast=True)
-        elif CAST_KIND == 2:
-            high = high.to(tl.float16).to(tl.float32)
-            low = low.to(tl.float16).to(tl.float32)
-        # Unsteered rows and non-expert columns read mask 0 (leave), with no memory traffic.
+        # Unsteered rows and non-expert columns read mask 0 and bias 0 (leave), with no
+        # memory traffic.
         steerable = cols[None, :] < tl.where(profile != 0, num_experts, 0)[:, None]
         mask_row = tl.load(
             masks_ptr + profile[:, None] * stride_mr + cols[None, :] * stride_mc,
             mask=steerable,
             other=0,
         )
-        y = tl.where(mask_row == 1, high[:, None], tl.where(mask_row == -1, low[:, None], xf))
+        bias_row = tl.load(
+            bias_ptr + profile[:, None] * stride_br + cols[None, :] * stride_bc,
+            mask=steerable,
+            other=0.0,
+        ).to(tl.float32)
+        lam = tl.load(strength_ptr + profile * stride_s, mask=row_ok, other=1.0).to(tl.float32)
+        full = (lam == 1.0)[:, None]
+        keep = (1.0 - lam)[:, None]
+        lam2 = lam[:, None]
+        hi = tl.where(full, high[:, None], keep * xf + lam2 * high[:, None])
+        lo = tl.where(full, low[:, None], keep * xf + lam2 * low[:, None])
+        g = tl.where(mask_row == 1, hi, tl.where(mask_row == -1, lo, xf + lam2 * bias_row))
+        if CAST_KIND == 1:
+            # fp32 -> bf16 round-to-nearest-even on the bits, and back to fp32 (exact).
+            gb = g.to(tl.uint32, bitcast=True)
+            gb = ((gb + 0x7FFF + ((gb >> 16) & 1)) >> 16) << 16
+            g = gb.to(tl.float32, bitcast=True)
+        elif CAST_KIND == 2:
+            g = g.to(tl.float16).to(tl.float32)
+        touched = (mask_row != 0) | (bias_row != 0.0)
+        y = tl.where(touched, g, xf)
         y = tl.where(in_row, y, float("-inf"))
 
         # ---- softmax over all columns, in fp32 (as vLLM's topk_softmax)
@@ -392,6 +425,8 @@ def steered_topk_triton(
     indices_type: torch.dtype | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     record: torch.Tensor | None = None,
+    layer_bias: torch.Tensor | None = None,
+    strength: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fused_steered_topk` as one Triton launch; `out` = preallocated (weights, ids)."""
     _check_record(record, router_logits.shape[0], top_k)
@@ -400,6 +435,12 @@ def steered_topk_triton(
     num_tokens, num_cols = router_logits.shape
     if eps.dtype != torch.float32:
         eps = eps.float()
+    if layer_bias is None:
+        layer_bias = torch.zeros(layer_masks.shape, dtype=torch.float32,
+                                 device=router_logits.device)
+    if strength is None:
+        strength = torch.ones(layer_masks.shape[0], dtype=torch.float32,
+                              device=router_logits.device)
     if out is None:
         weights, ids = _empty_outputs(num_tokens, top_k, router_logits.device, indices_type)
     else:
@@ -422,6 +463,8 @@ def steered_topk_triton(
         token_profiles,
         layer_masks,
         eps,
+        layer_bias,
+        strength,
         num_tokens,
         num_cols,
         layer_masks.shape[1],
@@ -436,6 +479,9 @@ def steered_topk_triton(
         layer_masks.stride(0),
         layer_masks.stride(1),
         eps.stride(0),
+        layer_bias.stride(0),
+        layer_bias.stride(1),
+        strength.stride(0),
         TOP_K=top_k,
         BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_T=block_t,
@@ -468,6 +514,8 @@ def fused_steered_topk(
     indices_type: torch.dtype | None = None,
     record: torch.Tensor | None = None,
     backend: str = "auto",
+    layer_bias: torch.Tensor | None = None,
+    strength: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steered softmax top-k routing: (topk_weights fp32 [T, k], topk_ids int32 [T, k]).
 
@@ -475,6 +523,8 @@ def fused_steered_topk(
         E = layer_masks.shape[1] can be steered.
     token_profiles: [>= T] int32/int64; entry t is token t's row of layer_masks, 0 = unsteered.
     layer_masks: [P, E] int8 (+1 activate, -1 deactivate, 0 leave); eps: [P] float32.
+    layer_bias: optional [P, E] float32 graded bias; strength: optional [P] float32 (default:
+        none and 1, the on/off edit).
     record: optional int32 [>= T, >= k] buffer (the routing-capture buffer of this layer): the
         ids are also written to its first T rows, so capturing routing costs no extra kernel.
     backend: "triton", "torch", or "auto" (Triton for CUDA tensors, and for CPU tensors under
@@ -489,6 +539,8 @@ def fused_steered_topk(
         routed_scaling_factor=routed_scaling_factor,
         indices_type=indices_type,
         record=record,
+        layer_bias=layer_bias,
+        strength=strength,
     )
     if backend == "triton":
         return steered_topk_triton(

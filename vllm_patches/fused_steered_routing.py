@@ -115,7 +115,9 @@ def precompile_edit_kernel(layer_steering: Any, num_cols: int) -> None:
     for dtype in EDIT_DTYPES:
         logits = torch.zeros(1, num_cols, dtype=dtype, device=device)
         steer_router_logits_triton(logits, layer_steering.token_profiles, layer_steering.masks,
-                                   layer_steering.eps, out=logits)
+                                   layer_steering.eps, out=logits,
+                                   layer_bias=layer_steering.bias,
+                                   strength=layer_steering.strength)
 
 
 def _padding_mask_fn() -> Callable[[int], torch.Tensor | None] | None:
@@ -218,7 +220,8 @@ class FusedLayerRouting:
         weights, ids = fused_routing.fused_steered_topk(
             router_logits, self.hook.token_profiles, self.hook.masks, self.hook.eps, top_k,
             bool(self.router.renormalize), num_expert_group=groups, topk_group=keep,
-            routed_scaling_factor=scale, indices_type=ids_type, record=record, backend=backend)
+            routed_scaling_factor=scale, indices_type=ids_type, record=record, backend=backend,
+            layer_bias=self.hook.bias, strength=self.hook.strength)
         if cold and backend == "triton":
             self.warm.add(variant)
         mask = self.padding_mask(num_tokens) if self.padding_mask is not None else None

@@ -16,6 +16,15 @@ Rounding: a logit written back in bf16 must still be strictly above the old maxi
 the old minimum). eps is therefore raised per row to twice the dtype's relative resolution at
 the value it moves from: effective_eps = max(eps, 2 * finfo(dtype).eps * max(|v|, 1)). For
 fp32 logits this never changes eps = 0.01; for bf16 logits around 5 it gives 0.078.
+
+Graded steering (a profile's `bias`, a request's `steering_strength` lambda in [0, 1]): each
+slot also carries a per-expert bias b and a strength lambda. In log-softmax space an activated
+expert moves from s_e toward its target max(s) + eps by the fraction lambda,
+s_e + lambda * (max(s) + eps - s_e) (deactivated: toward min(s) - eps), and a biased expert
+gets s_e + lambda * b_e. lambda = 1 with no bias is the on/off edit above, bit for bit (the
+interpolation is written (1 - lambda) * s + lambda * target, exact at both ends); lambda = 0
+changes no value. Both moves commute with the shift of log_softmax, so the raw logits are
+edited here too. Entries with no mask and no bias keep their bits.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ def _steered_rows(
     token_profiles: torch.Tensor,
     layer_masks: torch.Tensor,
     eps: torch.Tensor,
+    layer_bias: torch.Tensor | None = None,
+    strength: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(indices of steered rows, their edited first E columns in the input dtype), or None."""
     num_experts = layer_masks.shape[1]
@@ -47,15 +58,28 @@ def _steered_rows(
     rows = steered.nonzero().squeeze(1)
     profiles = token_profiles[rows].long()
     masks = layer_masks[profiles]
-    z = router_logits[rows, :num_experts].float()
+    original = router_logits[rows, :num_experts]
+    z = original.float()
     row_eps = eps[profiles].float().unsqueeze(1)
     z_max = z.amax(dim=1, keepdim=True)
     z_min = z.amin(dim=1, keepdim=True)
     high = z_max + effective_eps(row_eps, z_max, router_logits.dtype)
     low = z_min - effective_eps(row_eps, z_min, router_logits.dtype)
-    edited = torch.where(masks == ACTIVATE, high, torch.where(masks == DEACTIVATE, low, z))
-    # Up- then down-casting is exact, so entries left alone keep their original bits.
-    return rows, edited.to(router_logits.dtype)
+    if layer_bias is None and strength is None:
+        edited = torch.where(masks == ACTIVATE, high, torch.where(masks == DEACTIVATE, low, z))
+        return rows, torch.where(masks != 0, edited.to(router_logits.dtype), original)
+    lam = (strength[profiles].float() if strength is not None
+           else torch.ones(len(rows), device=z.device)).unsqueeze(1)
+    bias = (layer_bias[profiles].float() if layer_bias is not None
+            else torch.zeros_like(z))
+    keep = 1.0 - lam
+    full = lam == 1.0
+    high = torch.where(full, high, keep * z + lam * high)
+    low = torch.where(full, low, keep * z + lam * low)
+    edited = torch.where(masks == ACTIVATE, high,
+                         torch.where(masks == DEACTIVATE, low, z + lam * bias))
+    touched = (masks != 0) | (bias != 0)
+    return rows, torch.where(touched, edited.to(router_logits.dtype), original)
 
 
 def steer_router_logits(
@@ -63,18 +87,23 @@ def steer_router_logits(
     token_profiles: torch.Tensor,
     layer_masks: torch.Tensor,
     eps: torch.Tensor,
+    layer_bias: torch.Tensor | None = None,
+    strength: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Return router logits with each token's activate/deactivate mask applied.
+    """Return router logits with each token's steering applied.
 
     router_logits: [T, E'] float (any float dtype); only the first E columns are experts
         that can be steered (E = layer_masks.shape[1]); extra columns pass through.
     token_profiles: [>= T] integer; row p of layer_masks applies to token t; 0 = not steered.
     layer_masks: [P, E] int8; +1 activate, -1 deactivate, 0 leave; row 0 is all zero.
     eps: [P] float32, the margin per profile.
-    Rows with profile 0, or whose mask row is all zero, are returned bit-identical.
+    layer_bias: optional [P, E] float32, graded bias per profile and expert (None: none).
+    strength: optional [P] float32 in [0, 1], each profile's lambda (None: 1).
+    Rows with profile 0, and entries with no mask and no bias, are returned bit-identical.
     """
     out = router_logits.clone()
-    steered = _steered_rows(router_logits, token_profiles, layer_masks, eps)
+    steered = _steered_rows(router_logits, token_profiles, layer_masks, eps, layer_bias,
+                            strength)
     if steered is not None:
         rows, edited = steered
         out[rows, : layer_masks.shape[1]] = edited
@@ -86,9 +115,12 @@ def steer_router_logits_(
     token_profiles: torch.Tensor,
     layer_masks: torch.Tensor,
     eps: torch.Tensor,
+    layer_bias: torch.Tensor | None = None,
+    strength: torch.Tensor | None = None,
 ) -> None:
     """In-place `steer_router_logits`: only steered rows are written."""
-    steered = _steered_rows(router_logits, token_profiles, layer_masks, eps)
+    steered = _steered_rows(router_logits, token_profiles, layer_masks, eps, layer_bias,
+                            strength)
     if steered is not None:
         rows, edited = steered
         router_logits[rows, : layer_masks.shape[1]] = edited
@@ -99,8 +131,11 @@ def steer_log_probs(
     activate: list[int],
     deactivate: list[int],
     eps: float,
+    bias: dict[int, float] | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
-    """The method exactly as the paper states it, for one layer and all rows: edited log-probs.
+    """The method exactly as the paper states it, for one layer and all rows: edited log-probs,
+    with graded steering (`bias` per expert, `strength`) as this module's docstring defines it.
 
     Used as the reference in tests (softmax of the result = the routing probabilities the
     paper's implementation sees). Computes in float32.
@@ -108,12 +143,14 @@ def steer_log_probs(
     s = torch.log_softmax(router_logits.float(), dim=-1)
     s_max = s.amax(dim=-1, keepdim=True)
     s_min = s.amin(dim=-1, keepdim=True)
-    s = s.clone()
+    out = s.clone()
     if activate:
-        s[:, activate] = (s_max + eps).expand(-1, len(activate))
+        out[:, activate] = (1 - strength) * s[:, activate] + strength * (s_max + eps)
     if deactivate:
-        s[:, deactivate] = (s_min - eps).expand(-1, len(deactivate))
-    return s
+        out[:, deactivate] = (1 - strength) * s[:, deactivate] + strength * (s_min - eps)
+    for expert, value in (bias or {}).items():
+        out[:, expert] = s[:, expert] + strength * value
+    return out
 
 
 def steer_selection_scores(

@@ -31,12 +31,14 @@ class StepFlags:
 
     steering_active: bool = False
     recording: bool = False
+    # Some request of the step has graded steering (bias, or strength below 1).
+    graded: bool = False
 
 
 _LIB = torch.library.Library("steermoe", "FRAGMENT")
 _LIB.define(
     "steer_router_logits_(Tensor(a!) router_logits, Tensor token_profiles, Tensor layer_masks,"
-    " Tensor eps, str layer_name) -> ()"
+    " Tensor eps, Tensor layer_bias, Tensor strength, str layer_name) -> ()"
 )
 _LIB.define("record_routing_(Tensor(a!) record, Tensor topk_ids, str layer_name) -> ()")
 _LIB.define(
@@ -53,20 +55,25 @@ def _flags(layer_name: str) -> StepFlags:
     return steering_of_layer(layer_name).flags
 
 
-def _steer_router_logits_cpu(router_logits, token_profiles, layer_masks, eps,
-                             layer_name) -> None:
-    """Apply each token's activate/deactivate mask to its router logits, in place."""
-    if _flags(layer_name).steering_active:
-        steering_math.steer_router_logits_(router_logits, token_profiles, layer_masks, eps)
+def _steer_router_logits_cpu(router_logits, token_profiles, layer_masks, eps, layer_bias,
+                             strength, layer_name) -> None:
+    """Apply each token's steering (masks, graded bias, strength) to its router logits; the
+    graded tables are read only on steps with a graded request (the on/off edit is cheaper)."""
+    flags = _flags(layer_name)
+    if flags.steering_active:
+        graded = (layer_bias, strength) if flags.graded else (None, None)
+        steering_math.steer_router_logits_(router_logits, token_profiles, layer_masks, eps,
+                                           *graded)
 
 
-def _steer_router_logits_cuda(router_logits, token_profiles, layer_masks, eps,
-                              layer_name) -> None:
+def _steer_router_logits_cuda(router_logits, token_profiles, layer_masks, eps, layer_bias,
+                              strength, layer_name) -> None:
     if not (_capturing_graph(router_logits) or _flags(layer_name).steering_active):
         return
     from vllm_patches.triton_steering import steer_router_logits_triton
 
-    steer_router_logits_triton(router_logits, token_profiles, layer_masks, eps, out=router_logits)
+    steer_router_logits_triton(router_logits, token_profiles, layer_masks, eps, out=router_logits,
+                               layer_bias=layer_bias, strength=strength)
 
 
 def _record_routing(record, topk_ids, layer_name) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from expert_profiles.echo import clip
 from expert_profiles.request_steering import ResolvedSteering
-from expert_profiles.schema import MAX_EPS
+from expert_profiles.schema import MAX_BIAS, MAX_EPS
 
 logger = logging.getLogger("steermoe")
 
@@ -100,6 +100,35 @@ def applicable_problem(steering: ResolvedSteering, moe_layers: Sequence[int], nu
         if num_experts - len(set(experts)) < top_k:
             return (f"deactivate: layer {layer} leaves {num_experts - len(set(experts))} of "
                     f"{num_experts} experts, fewer than top-k ({top_k})")
+    return _graded_problem(steering, held, num_experts)
+
+
+def _is_number(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and low <= value <= high
+
+
+def _graded_problem(steering: ResolvedSteering, held: set[int], num_experts: int) -> str | None:
+    """Why the graded part (bias, strength) cannot be applied; None if it can."""
+    if not _is_number(steering.strength, 0.0, 1.0):
+        return f"strength must be a number in [0, 1], got {_show(steering.strength)}"
+    if not isinstance(steering.bias, dict):
+        return "bias is not a mapping of layer to {expert: value}"
+    for layer, row in steering.bias.items():
+        if not _is_int(layer) or layer not in held:
+            return f"bias: layer {_show(layer)} is not a MoE layer of this engine"
+        if not isinstance(row, dict):
+            return f"bias: layer {layer}: not a mapping of expert to value"
+        for expert, value in row.items():
+            if not _is_int(expert) or not 0 <= expert < num_experts:
+                return f"bias: layer {layer}: expert {_show(expert)} is not in [0, {num_experts})"
+            if not _is_number(value, -MAX_BIAS, MAX_BIAS):
+                return f"bias: layer {layer}: expert {expert}: {_show(value)} is not in " \
+                       f"[-{MAX_BIAS:g}, {MAX_BIAS:g}]"
+        switched = set(steering.activate.get(layer, ())) | set(steering.deactivate.get(layer, ()))
+        both = sorted(switched & set(row))
+        if both:
+            return f"layer {layer}: experts {both[:8]} are switched and biased"
     return None
 
 
@@ -117,7 +146,8 @@ class StepPlan:
 
 
 class SteeringTable:
-    """Masks [moe_layers, slots, experts] int8, eps [slots] and token_profiles [max_tokens].
+    """Masks [moe_layers, slots, experts] int8, graded bias [moe_layers, slots, experts] float32,
+    eps and strength [slots] float32, and token_profiles [max_tokens].
 
     `moe_layers`: the MoE layers this worker holds (its pipeline stage's); `model_layers`: every
     MoE layer of the model (default: `moe_layers`), against which steering is checked.
@@ -147,7 +177,11 @@ class SteeringTable:
         self.masks = torch.zeros(
             (len(self.moe_layers), max_slots, num_experts), dtype=torch.int8, device=device
         )
+        self.bias = torch.zeros(
+            (len(self.moe_layers), max_slots, num_experts), dtype=torch.float32, device=device
+        )
         self.eps = torch.zeros(max_slots, dtype=torch.float32, device=device)
+        self.strength = torch.ones(max_slots, dtype=torch.float32, device=device)
         self.token_profiles = torch.zeros(max_tokens, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
         self._staging = torch.zeros(max_tokens, dtype=torch.int32, pin_memory=pin)
@@ -156,6 +190,9 @@ class SteeringTable:
         self._steering_of_request: dict[str, ResolvedSteering | None] = {}
         self._written_until = 0
         self.steering_active = False
+        self._graded_slots: set[int] = set()
+        # Some request of the current step has graded steering (bias, or strength < 1).
+        self.graded_active = False
 
     def problem(self, steering: ResolvedSteering) -> str | None:
         """`applicable_problem` for this engine (checked against the model's MoE layers)."""
@@ -170,8 +207,20 @@ class SteeringTable:
                 row = self.layer_index.get(layer)
                 if row is not None:  # a layer of another pipeline stage: written there
                     mask[row, [int(e) for e in experts]] = value
+        bias = torch.zeros((len(self.moe_layers), self.num_experts), dtype=torch.float32)
+        for layer, values in steering.bias.items():
+            row = self.layer_index.get(layer)
+            if row is not None:
+                for expert, value in values.items():
+                    bias[row, int(expert)] = float(value)
         self.masks[:, slot].copy_(mask.to(self.device))
+        self.bias[:, slot].copy_(bias.to(self.device))
         self.eps[slot] = float(steering.eps)
+        self.strength[slot] = float(steering.strength)
+        if steering.bias or steering.strength != 1.0:
+            self._graded_slots.add(slot)
+        else:
+            self._graded_slots.discard(slot)
 
     def _free_slot(self, scheduled: Collection[str]) -> int:
         used = {NOT_STEERED}
@@ -249,6 +298,7 @@ class SteeringTable:
         slots = [self.slot_for(steering, plan.req_ids) for steering in steerings]
         total = plan.total_tokens
         self.steering_active = any(slots)
+        self.graded_active = not self._graded_slots.isdisjoint(slots)
         if not self.steering_active and self._written_until == 0:
             return
         staging = self._staging.numpy()
@@ -264,3 +314,7 @@ class SteeringTable:
     def layer_masks(self, layer: int) -> torch.Tensor:
         """The [slots, experts] mask table of one decoder layer."""
         return self.masks[self.layer_index[layer]]
+
+    def layer_bias(self, layer: int) -> torch.Tensor:
+        """The [slots, experts] graded-bias table of one decoder layer."""
+        return self.bias[self.layer_index[layer]]

@@ -7,6 +7,11 @@ Same contract as `steering_math.steer_router_logits`, bit for bit:
   row; activated experts get `max + eff_eps`, deactivated ones `min - eff_eps`, where
   `eff_eps = max(eps, 2 * finfo(dtype).eps * max(|v|, 1))` (`steering_math.effective_eps`),
   rounded once to the logits' dtype; every other entry keeps its original bits.
+* graded steering (optional `layer_bias` [P, E] and `strength` [P]): activated / deactivated
+  entries become `(1 - lambda) * z + lambda * target`, biased ones `z + lambda * b`, rounded once;
+  at lambda = 1 without bias the bits are the on/off edit's. Between the ends a GPU may fuse
+  the multiply-add, so graded values agree with `steering_math` to one rounding, not bit for
+  bit.
 
 The kernel reads everything it needs (which rows are steered, which mask row applies) from
 device tensors, so a launch does no host synchronisation and can be captured in a CUDA graph.
@@ -57,8 +62,13 @@ def _kernel() -> Any:
         profiles_ptr,
         masks_ptr,
         eps_ptr,
+        bias_ptr,
+        strength_ptr,
         stride_p,
         stride_eps,
+        stride_br,
+        stride_bc,
+        stride_s,
         num_cols,
         num_experts,
         stride_lr,
@@ -99,32 +109,37 @@ def _kernel() -> Any:
         high = z_max + eps_hi
         low = z_min - eps_lo
 
-        if CAST_KIND == 1:
-            # fp32 -> bf16 round-to-nearest-even on the bits, NaN -> canonical 0x7FC0 (as torch).
-            hb = high.to(tl.uint32, bitcast=True)
-            lb = low.to(tl.uint32, bitcast=True)
-            hb = (hb + 0x7FFF + ((hb >> 16) & 1)) >> 16
-            lb = (lb + 0x7FFF + ((lb >> 16) & 1)) >> 16
-            hb = tl.where(high != high, 0x7FC0, hb)
-            lb = tl.where(low != low, 0x7FC0, lb)
-            high_out = hb.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            low_out = lb.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        elif CAST_KIND == 2:
-            high_out = high.to(tl.float16)
-            low_out = low.to(tl.float16)
-        else:
-            high_out = high
-            low_out = low
-
-        # Unsteered rows and non-expert columns read mask 0 (leave). One comparison builds the
-        # load mask: the interpreter mis-types `block & scalar` boolean masks.
+        # Unsteered rows and non-expert columns read mask 0 and bias 0 (leave). One comparison
+        # builds the load mask: the interpreter mis-types `block & scalar` boolean masks.
         steerable = cols < tl.where(steered, num_experts, 0)
         mask_row = tl.load(
             masks_ptr + profile * stride_mr + cols * stride_mc, mask=steerable, other=0
         )
+        bias_row = tl.load(
+            bias_ptr + profile * stride_br + cols * stride_bc, mask=steerable, other=0.0
+        ).to(tl.float32)
+        lam = tl.load(strength_ptr + profile * stride_s).to(tl.float32)
         activate = mask_row == 1
         deactivate = mask_row == -1
-        y = tl.where(activate, high_out, tl.where(deactivate, low_out, x))
+        keep = 1.0 - lam
+        full = lam == 1.0
+        yf = tl.where(activate, tl.where(full, high, keep * xf + lam * high),
+                      tl.where(deactivate, tl.where(full, low, keep * xf + lam * low),
+                               xf + lam * bias_row))
+
+        if CAST_KIND == 1:
+            # fp32 -> bf16 round-to-nearest-even on the bits, NaN -> canonical 0x7FC0 (as torch).
+            yb = yf.to(tl.uint32, bitcast=True)
+            yb = (yb + 0x7FFF + ((yb >> 16) & 1)) >> 16
+            yb = tl.where(yf != yf, 0x7FC0, yb)
+            y_out = yb.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        elif CAST_KIND == 2:
+            y_out = yf.to(tl.float16)
+        else:
+            y_out = yf
+
+        touched = activate | deactivate | (bias_row != 0.0)
+        y = tl.where(touched, y_out, x)
         tl.store(out_ptr + row * stride_or + cols * stride_oc, y, mask=in_row)
 
     return _steer_router_logits_kernel
@@ -140,6 +155,9 @@ def steer_router_logits_triton(
     layer_masks: torch.Tensor,
     eps: torch.Tensor,
     out: torch.Tensor | None = None,
+    *,
+    layer_bias: torch.Tensor | None = None,
+    strength: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of `steering_math.steer_router_logits`; same arguments, same bits.
 
@@ -150,6 +168,8 @@ def steer_router_logits_triton(
     eps: [P] float32.
     out: optional [T, E'] tensor of the same dtype to write into (may be router_logits itself);
         otherwise a new tensor laid out like `router_logits.clone()` is returned.
+    layer_bias: optional [P, E] float32 graded bias; strength: optional [P] float32 (default:
+        no bias, strength 1: the on/off edit).
     No host synchronisation: safe to capture in a CUDA graph. Profile ids are not range-checked.
     """
     if router_logits.dim() != 2:
@@ -171,6 +191,15 @@ def steer_router_logits_triton(
         raise ValueError(f"eps must be [{layer_masks.shape[0]}], got {tuple(eps.shape)}")
     if eps.dtype != torch.float32:
         eps = eps.float()
+    num_profiles = layer_masks.shape[0]
+    if layer_bias is None:
+        layer_bias = torch.zeros(num_profiles, num_experts, dtype=torch.float32,
+                                 device=router_logits.device)
+    if strength is None:
+        strength = torch.ones(num_profiles, dtype=torch.float32, device=router_logits.device)
+    if layer_bias.shape != layer_masks.shape or strength.dim() != 1 \
+            or strength.shape[0] < num_profiles:
+        raise ValueError("layer_bias must be shaped like layer_masks and strength be [P]")
 
     if out is None:
         out = torch.empty_like(router_logits)
@@ -188,8 +217,13 @@ def steer_router_logits_triton(
         token_profiles,
         layer_masks,
         eps,
+        layer_bias,
+        strength,
         token_profiles.stride(0),
         eps.stride(0),
+        layer_bias.stride(0),
+        layer_bias.stride(1),
+        strength.stride(0),
         num_cols,
         num_experts,
         router_logits.stride(0),

@@ -2,8 +2,11 @@
 
 DIR receives config.json, generation_config.json, model.safetensors, the tokenizer files,
 pairs/{words,safety}.jsonl (for `steermoe profile detect`), eval/*.jsonl (held-out prompt
-sets) and demo.json (planted experts, training numbers). A DIR that already holds a complete
-build of the same version and settings is left alone (the marker is written last).
+sets), guard/{train,heldout}.jsonl (labelled prompts for `steermoe guard train`) and demo.json
+(planted experts, training numbers, files). A DIR that already holds a complete build of the
+same version and settings is left alone (the marker is written last); one whose model is of
+the same version and settings but whose task files are older gets the task files (and
+demo.json) again without training.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from profile_tools.demo.data import (
     EDITS,
     PLANTED,
     PLANTED_LAYERS,
+    Split,
     edit_sets,
     make_split,
     write_task_files,
@@ -32,6 +36,8 @@ from profile_tools.demo.train import TrainSettings, train
 logger = logging.getLogger(__name__)
 
 DEMO_VERSION = 1
+# The files written from the task beside the model: 1 pairs/ and eval/, 2 also guard/.
+TASK_FILES_VERSION = 2
 MARKER = ".steermoe_demo.json"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "demo.json")
@@ -59,7 +65,8 @@ def model_config(config: dict[str, Any]) -> DemoConfig:
 
 
 def _marker(settings: TrainSettings) -> dict[str, Any]:
-    return {"demo_version": DEMO_VERSION, "train": asdict(settings)}
+    return {"demo_version": DEMO_VERSION, "train": asdict(settings),
+            "task_files": TASK_FILES_VERSION}
 
 
 def is_built(directory: str | Path, settings: TrainSettings | None = None) -> bool:
@@ -71,6 +78,41 @@ def is_built(directory: str | Path, settings: TrainSettings | None = None) -> bo
             (out / name).exists() for name in MODEL_FILES)
     except (OSError, ValueError):
         return False
+
+
+def _built_summary(out: Path, settings: TrainSettings) -> dict[str, Any] | None:
+    """demo.json of a complete build of this model (version and training settings) whose task
+    files may be older, else None."""
+    try:
+        marker = json.loads((out / MARKER).read_text())
+        summary = json.loads((out / "demo.json").read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = _marker(settings)
+    if not (isinstance(marker, dict) and isinstance(summary, dict)) or any(
+            marker.get(key) != wanted[key] for key in ("demo_version", "train")):
+        return None
+    return summary if all((out / name).exists() for name in MODEL_FILES) else None
+
+
+def _write_task_outputs(out: Path, split: Split, settings: TrainSettings,
+                        summary: dict[str, Any]) -> None:
+    """The task files, demo.json (`summary` with the files added) and, last, the marker."""
+    files = write_task_files(out, split)
+    summary = {
+        **summary,
+        "files": {name: str(path.relative_to(out)) for name, path in files.items()},
+        "heldout": {"questions": len(split.heldout_questions),
+                    "requests": len(split.heldout_requests)},
+        "guard": {name: _label_counts(files[f"guard/{name}"]) for name in ("train", "heldout")},
+    }
+    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / MARKER).write_text(json.dumps(_marker(settings)) + "\n")
+
+
+def _label_counts(path: Path) -> dict[str, int]:
+    labels = [json.loads(line)["label"] for line in path.read_text().splitlines() if line]
+    return {"1": sum(labels), "0": len(labels) - sum(labels)}
 
 
 def planted_truth() -> dict[str, Any]:
@@ -95,13 +137,19 @@ def build(directory: str | Path, settings: TrainSettings | None = None,
     out = Path(directory)
     if is_built(out, settings):
         return out
+    split = make_split()
+    summary = _built_summary(out, settings)
+    if summary is not None:  # the same model; only the task files are older
+        (out / MARKER).unlink()
+        _write_task_outputs(out, split, settings, summary)
+        logger.info("steermoe demo: wrote the task files of %s again", out)
+        return out
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).unlink(missing_ok=True)
     text = tokenizer_json()
     tokenizer = Tokenizer.from_str(text)
     vocab = 64 * -(-tokenizer.get_vocab_size() // 64)
     config = demo_config(vocab)
-    split = make_split()
     model, info = train(split, tokenizer, vocab, settings, progress=progress)
     if model_config(config) != model.c:
         raise RuntimeError("the trained model does not match config.json")
@@ -114,15 +162,10 @@ def build(directory: str | Path, settings: TrainSettings | None = None,
                   metadata={"format": "pt"})
         (Path(tmp) / "model.safetensors").chmod(0o644)
         shutil.move(str(Path(tmp) / "model.safetensors"), out / "model.safetensors")
-    files = write_task_files(out, split)
     summary = {
         "demo_version": DEMO_VERSION, "planted": planted_truth(), "training": info,
         "settings": asdict(settings), "torch": torch.__version__,
-        "files": {name: str(path.relative_to(out)) for name, path in files.items()},
-        "heldout": {"questions": len(split.heldout_questions),
-                    "requests": len(split.heldout_requests)},
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / MARKER).write_text(json.dumps(_marker(settings)) + "\n")
+    _write_task_outputs(out, split, settings, summary)
     logger.info("steermoe demo: built %s in %.0fs of training", out, info["train_seconds"])
     return out

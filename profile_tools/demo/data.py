@@ -1,8 +1,10 @@
-"""Training examples, held-out evaluation sets and detection pairs of the demo task.
+"""Training examples, held-out evaluation sets, detection pairs and guard prompts of the demo
+task.
 
 The questions and requests are split once (fixed seed): for every arithmetic fact one
-question template is held out, for every requested thing a quarter of its phrasings; training
-and the detection pairs use the rest, the evaluation sets only the held-out ones.
+question template is held out, for every requested thing a quarter of its phrasings; training,
+the detection pairs and the guard's training prompts use the rest, the evaluation sets and the
+guard's held-out prompts only the held-out ones.
 
 Planting: in PLANTED_LAYERS each behaviour has its own expert (PLANTED). Replies' tokens are
 routed there by an auxiliary loss, and a quarter of the training sequences run with the
@@ -203,14 +205,40 @@ def eval_sets(split: Split) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+# The guard sets take every this many-th arithmetic question of their part of the split.
+GUARD_ARITHMETIC_EVERY = 4
+
+
+def guard_sets(split: Split) -> dict[str, list[dict[str, Any]]]:
+    """Labelled prompts for `steermoe guard train`, none with the safety cue: restricted
+    requests 1, benign requests 0, arithmetic questions (any style cue) 0. "train" draws on the
+    training phrasings, "heldout" on the held-out ones only."""
+    rng = random.Random(SPLIT_SEED + 4)
+
+    def rows(requests: list[Request], questions: list[Question]) -> list[dict[str, Any]]:
+        out = [{"id": r.key, "messages": task.messages(r.text()), "label": int(r.restricted)}
+               for r in requests]
+        for question in questions[::GUARD_ARITHMETIC_EVERY]:
+            cue = rng.choice((None, *task.WORDS_CUES, *task.DIGITS_CUES))
+            out.append({"id": question.key, "label": 0,
+                        "messages": task.messages(task.user_text(question.text(), cue))})
+        return out
+
+    return {"train": rows(split.train_requests, split.train_questions),
+            "heldout": rows(split.heldout_requests, split.heldout_questions)}
+
+
 def write_task_files(directory: Path, split: Split) -> dict[str, Path]:
-    """pairs/{words,safety}.jsonl and eval/*.jsonl under directory; returns name -> path."""
-    (directory / "pairs").mkdir(parents=True, exist_ok=True)
-    (directory / "eval").mkdir(parents=True, exist_ok=True)
+    """pairs/{words,safety}.jsonl, eval/*.jsonl and guard/{train,heldout}.jsonl under
+    directory; returns name -> path."""
+    for sub in ("pairs", "eval", "guard"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
     out = {
         "pairs/words": _write_jsonl(directory / "pairs" / "words.jsonl", words_pairs(split)),
         "pairs/safety": _write_jsonl(directory / "pairs" / "safety.jsonl", safety_pairs(split)),
     }
     for name, rows in eval_sets(split).items():
         out[f"eval/{name}"] = _write_jsonl(directory / "eval" / f"{name}.jsonl", rows)
+    for name, rows in guard_sets(split).items():
+        out[f"guard/{name}"] = _write_jsonl(directory / "guard" / f"{name}.jsonl", rows)
     return out

@@ -184,7 +184,7 @@ def test_a_profile_file_that_selects_no_expert_is_refused(tmp_path, sets):
         load_profile_file(path)
     assert str(info.value) == (
         "empty.json: profile: steering selects no experts: give at least one expert to "
-        "activate or deactivate"
+        "activate, deactivate or bias"
     )
     assert list(load_profile_dir(tmp_path).errors) == ["empty.json"]
 

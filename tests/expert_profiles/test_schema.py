@@ -478,7 +478,7 @@ EMPTY_FORMS = [
 
 def test_empty_steering_message():
     assert EMPTY_STEERING_MESSAGE == (
-        "steering selects no experts: give at least one expert to activate or deactivate"
+        "steering selects no experts: give at least one expert to activate, deactivate or bias"
     )
 
 
@@ -490,8 +490,8 @@ def test_empty_inline_steering_is_refused(inline):
     assert error["type"] == EMPTY_STEERING_ERROR
     assert error["msg"] == EMPTY_STEERING_MESSAGE
     assert describe_validation_error(info.value, "steering") == (
-        "steering: steering selects no experts: give at least one expert to activate or "
-        "deactivate"
+        "steering: steering selects no experts: give at least one expert to activate, "
+        "deactivate or bias"
     )
 
 
@@ -505,8 +505,8 @@ def test_empty_profile_is_refused(sets):
     with pytest.raises(ValidationError) as info:
         SteeringProfile.model_validate({"name": "empty", "model": OLMOE, **sets})
     assert describe_validation_error(info.value, "profile") == (
-        "profile: steering selects no experts: give at least one expert to activate or "
-        "deactivate"
+        "profile: steering selects no experts: give at least one expert to activate, "
+        "deactivate or bias"
     )
     with pytest.raises(ValidationError, match="steering selects no experts"):
         SteeringProfile(name="empty", model=OLMOE, **sets)

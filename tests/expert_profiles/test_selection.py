@@ -120,3 +120,23 @@ def test_from_counts_and_csv_roundtrip():
 def test_bad_tables(text, message):
     with pytest.raises(StatsFormatError, match=message):
         ExpertStats.from_csv_text(text)
+
+
+def test_graded_bias_weights_the_selected_experts_by_rd():
+    from expert_profiles.model_shape import ModelShape
+    from expert_profiles.profile_outputs import profile_from_selection
+    from expert_profiles.schema import MAX_BIAS
+    from expert_profiles.selection import GRADED_RULE, graded_bias
+
+    stats = table([(0, 1, 9, 1), (0, 2, 1, 9), (1, 3, 6, 2), (1, 4, 5, 5)])
+    selection = select_experts(stats, activate=2, deactivate=1, direction="1to2", top_k=2,
+                               num_experts=8)
+    assert graded_bias(stats, selection, 10.0) == {0: {1: 8.0, 2: -8.0}, 1: {3: 4.0}}
+    assert graded_bias(stats, selection, 1000.0)[0][1] == MAX_BIAS
+    with pytest.raises(ValueError, match="positive"):
+        graded_bias(stats, selection, 0.0)
+    shape = ModelShape("Qwen3MoeForCausalLM", 2, 8, 2, (0, 1))
+    profile = profile_from_selection("graded", shape, selection, graded=(stats, 10.0))
+    assert not profile.activate and not profile.deactivate
+    assert profile.bias == {0: {1: 8.0, 2: -8.0}, 1: {3: 4.0}}
+    assert profile.source["selection"]["rule"] == GRADED_RULE

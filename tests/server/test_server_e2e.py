@@ -157,6 +157,36 @@ def test_inline_steering(client, base_model):
     assert_follows(body["routing"], *INLINE)
 
 
+def test_steering_strength_scales_a_profile_from_nothing_to_all_of_it(client, base_model):
+    """Strength 0 routes exactly as unsteered, 1 as the profile; each has its own digest."""
+    prompt = "A strength of zero must route this sentence exactly as if it were unsteered"
+    plain, _ = complete(client, base_model, prompt, capture_routing=True)
+    results = {}
+    for strength in (0.0, 0.5, 1.0):
+        body, headers = complete(client, base_model, prompt, steering_profile="safety",
+                                 steering_strength=strength, capture_routing=True)
+        assert f"strength={strength:g}" in headers["x-steermoe-steering"]
+        assert body["steering"]["strength"] == strength
+        results[strength] = body
+    assert results[0.0]["routing"]["expert_ids"] == plain["routing"]["expert_ids"]
+    assert not follows(results[0.0]["routing"], *SAFETY)
+    assert_follows(results[1.0]["routing"], *SAFETY)
+    assert len({body["steering"]["digest"] for body in results.values()}) == 3
+    full, _ = complete(client, base_model, PROMPTS[2], steering_profile="safety")
+    assert full["steering"]["digest"] == results[1.0]["steering"]["digest"]
+
+
+def test_inline_bias_steers_through_the_server(client, base_model):
+    """A large bias puts its expert in every token's top-k, in every layer."""
+    sets = {"bias": {str(layer): {"4": 40.0} for layer in LAYERS}}
+    body, headers = chat(client, base_model, steering=sets, capture_routing=True)
+    assert headers["x-steermoe-steering"].startswith("inline;")
+    assert_follows(body["routing"], {layer: [4] for layer in LAYERS}, {})
+    weak, _ = chat(client, base_model, steering=sets, steering_strength=0.0,
+                   capture_routing=True)
+    assert not follows(weak["routing"], {layer: [4] for layer in LAYERS}, {})
+
+
 def test_streaming_carries_the_header(client, base_model):
     raw = client.chat.completions.with_raw_response.create(
         model=base_model, messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=5,
@@ -201,6 +231,8 @@ def test_locked_endpoint_always_runs_its_profile(client):
     {"steering_profile": None},
     {"vllm_xargs": {"steering_profile": "concise"}},
     {"steering": inline_body(INLINE)},
+    {"steering_strength": 0.5},
+    {"steering_profile": "safety", "steering_strength": 0.0},
 ])
 def test_locked_endpoint_refuses_other_steering(client, extra):
     with pytest.raises(openai.PermissionDeniedError) as caught:
@@ -238,6 +270,13 @@ def test_locked_endpoint_on_other_apis(http):
      openai.BadRequestError, 400, "steering"),
     ({"vllm_xargs": {"steermoe": "forged"}}, openai.BadRequestError, 400, "vllm_xargs"),
     ({"capture_routing": "yes"}, openai.BadRequestError, 400, "capture_routing"),
+    ({"steering_strength": 0.5}, openai.BadRequestError, 400, "steering_strength"),
+    ({"steering_profile": "safety", "steering_strength": 1.5}, openai.BadRequestError, 400,
+     "steering_strength"),
+    ({"steering_profile": "safety", "steering_strength": True}, openai.BadRequestError, 400,
+     "steering_strength"),
+    ({"steering": {"bias": {"1": {"2": "big"}}}}, openai.BadRequestError, 400, "steering"),
+    ({"steering": {"bias": {"1": {"99": 1.0}}}}, openai.BadRequestError, 400, "steering"),
     ({"capture_routing": True, "n": 2}, openai.BadRequestError, 400, "capture_routing"),
 ])
 def test_steering_errors(client, base_model, extra, error, status, param):
@@ -487,7 +526,7 @@ def test_audit_log_has_one_line_per_steered_request(setup, client):
     record = mine[0]
     assert record["endpoint"] == "qwen-safe" and record["profile"] == "safety"
     assert record["locked"] is True and record["status"] == 200
-    assert record["digest"] == body["steering"]["digest"]
+    assert record["digest"] == body["steering"]["digest"] and record["strength"] is None
     assert record["prompt_tokens"] == body["usage"]["prompt_tokens"]
     assert record["completion_tokens"] == body["usage"]["completion_tokens"]
     refused = [line for line in lines if line["status"] == 403]

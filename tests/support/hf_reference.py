@@ -19,6 +19,11 @@ is deliberately not imported). Per token, with router logits z over the experts:
   and lowered by it for deactivated ones, so the model's own grouped selection always keeps
   activated experts and never picks deactivated ones; the weights stay the router's own
   (sigmoid of the edited logits, renormalised, scaled).
+Graded steering (issue-level definition, vllm_patches/steering_math): with a strength lambda in
+[0, 1] and a bias b per expert, in the same space: activated experts move to
+(1 - lambda) * s + lambda * (max(s) + eps), deactivated ones to (1 - lambda) * s +
+lambda * (min(s) - eps), biased ones to s + lambda * b. DeepSeek-V3's forcing bias applies only
+at lambda = 1 (graded rows are routed by the model's own rule on the edited logits).
 eps is raised per row to twice the logits' dtype resolution at the value it moves from
 (ROUTERS.md): max(eps, 2 * finfo(dtype).eps * max(|v|, 1)), v = max (activate) or min
 (deactivate) of the row being edited. In float32 this leaves eps = 0.01 as it is.
@@ -47,7 +52,8 @@ ROUTER_EDITS: dict[str, tuple[str, bool]] = {
 }
 FORCING_BIAS = 1.0e4
 
-Steering = dict[int, tuple[list[int], list[int]]]
+# {layer: (activate, deactivate)} or {layer: (activate, deactivate, {expert: bias})}
+Steering = dict[int, tuple]
 
 # Derived from ROUTER_EDITS.
 Z_SPACE_MODEL_TYPES = {kind for kind, (space, _) in ROUTER_EDITS.items() if space == "logits"}
@@ -91,13 +97,14 @@ def effective_eps(eps: float, value: torch.Tensor, dtype: torch.dtype) -> torch.
 
 def paper_edit(
     z: torch.Tensor, activate: list[int], deactivate: list[int], eps: float, *,
-    on_log_probs: bool,
+    on_log_probs: bool, bias: dict[int, float] | None = None, strength: float = 1.0,
 ) -> torch.Tensor:
     """The SteerMoE edit of router logits z [..., E], per token (row), in z's dtype.
 
     on_log_probs: edit s = log_softmax(z) (softmax routers, the paper); else edit z itself.
     Activated experts get max(row) + eps, deactivated ones min(row) - eps, others keep their
-    value; max and min are those of the row before the edit.
+    value; max and min are those of the row before the edit. Graded (module docstring): the
+    moves are scaled by `strength`, and `bias` is added (scaled) to its experts.
     """
     row = torch.log_softmax(z.float(), dim=-1) if on_log_probs else z.float()
     top = row.amax(dim=-1, keepdim=True)
@@ -109,12 +116,20 @@ def paper_edit(
     off = torch.isin(experts, torch.tensor(deactivate, dtype=torch.long))
     if bool((on & off).any()):
         raise ValueError("an expert is both activated and deactivated")
-    return torch.where(on, high, torch.where(off, low, row)).to(z.dtype)
+    if strength != 1.0:
+        high = (1.0 - strength) * row + strength * high
+        low = (1.0 - strength) * row + strength * low
+    shift = torch.zeros(row.shape[-1])
+    for expert, value in (bias or {}).items():
+        shift[expert] = strength * value
+    return torch.where(on, high, torch.where(off, low, row + shift)).to(z.dtype)
 
 
-def _edit_fn(model_type: str, activate: list[int], deactivate: list[int], eps: float):
+def _edit_fn(model_type: str, activate: list[int], deactivate: list[int], eps: float,
+             bias: dict[int, float], strength: float):
     on_log_probs = model_type not in Z_SPACE_MODEL_TYPES
-    return lambda z: paper_edit(z, activate, deactivate, eps, on_log_probs=on_log_probs)
+    return lambda z: paper_edit(z, activate, deactivate, eps, on_log_probs=on_log_probs,
+                                bias=bias, strength=strength)
 
 
 @contextlib.contextmanager
@@ -136,22 +151,25 @@ def _first_linear_edited(edit) -> Iterator[list[int]]:
 
 
 @contextlib.contextmanager
-def _steered(model: Any, steering: Steering | None, eps: float) -> Iterator[None]:
+def _steered(model: Any, steering: Steering | None, eps: float,
+             strength: float = 1.0) -> Iterator[None]:
     """Patch the routers of the layers in `steering` for the duration of the block."""
     model_type = model.config.model_type
     patched: list[tuple[Any, Any | None]] = []
     try:
-        for index, (activate, deactivate) in sorted((steering or {}).items()):
+        for index, sets in sorted((steering or {}).items()):
+            activate, deactivate = sets[0], sets[1]
+            bias = sets[2] if len(sets) > 2 else {}
             layers = _decoder_layers(model)
             if not 0 <= index < len(layers):
                 raise ValueError(f"layer {index} out of range (model has {len(layers)} layers)")
             router = _router(layers[index])
             if router is None:
                 raise ValueError(f"layer {index} has no MoE router")
-            edit = _edit_fn(model_type, list(activate), list(deactivate), eps)
+            edit = _edit_fn(model_type, list(activate), list(deactivate), eps, bias, strength)
             original_forward = router.forward
             saved_bias = None
-            if model_type in BIASED_MODEL_TYPES:
+            if model_type in BIASED_MODEL_TYPES and strength == 1.0:
                 saved_bias = router.e_score_correction_bias.detach().clone()
                 with torch.no_grad():
                     router.e_score_correction_bias[list(activate)] += FORCING_BIAS
@@ -176,7 +194,8 @@ def _steered(model: Any, steering: Steering | None, eps: float) -> Iterator[None
 
 
 def _run(
-    checkpoint_dir: str | Path, token_ids: list[int], steering: Steering | None, eps: float
+    checkpoint_dir: str | Path, token_ids: list[int], steering: Steering | None, eps: float,
+    strength: float = 1.0,
 ) -> tuple[torch.Tensor, np.ndarray]:
     model = load_reference_model(checkpoint_dir)
     layers = _decoder_layers(model)
@@ -194,7 +213,7 @@ def _run(
 
         hooks.append(router.register_forward_hook(capture))
     try:
-        with torch.no_grad(), _steered(model, steering, eps):
+        with torch.no_grad(), _steered(model, steering, eps, strength):
             logits = model(torch.tensor([list(token_ids)], dtype=torch.long)).logits[0]
     finally:
         for hook in hooks:
@@ -210,13 +229,15 @@ def hf_steered_logits(
     token_ids: list[int],
     steering: Steering | None,
     eps: float = 0.01,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Float32 logits [len(token_ids), vocab] of one forward pass with `steering` applied.
 
-    steering: {decoder layer index: (experts to activate, experts to deactivate)}, applied to
-    every token; None or {} runs the model unsteered. See the module docstring for the edit.
+    steering: {decoder layer index: (experts to activate, experts to deactivate[, {expert:
+    bias}])}, applied to every token at `strength`; None or {} runs the model unsteered. See
+    the module docstring for the edit.
     """
-    return _run(checkpoint_dir, token_ids, steering, eps)[0]
+    return _run(checkpoint_dir, token_ids, steering, eps, strength)[0]
 
 
 def hf_routing(
@@ -224,13 +245,14 @@ def hf_routing(
     token_ids: list[int],
     steering: Steering | None,
     eps: float = 0.01,
+    strength: float = 1.0,
 ) -> np.ndarray:
     """Selected expert ids [len(token_ids), num_moe_layers, top_k], sorted within each row.
 
     MoE layers in decoder-layer order (layers without a router, e.g. DeepSeek's dense first
     layers, are skipped), from the same forward pass as `hf_steered_logits`.
     """
-    return _run(checkpoint_dir, token_ids, steering, eps)[1]
+    return _run(checkpoint_dir, token_ids, steering, eps, strength)[1]
 
 
 def moe_layer_indices(checkpoint_dir: str | Path) -> list[int]:

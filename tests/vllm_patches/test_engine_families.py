@@ -43,24 +43,40 @@ PROMPTS = {
     "plain_a": "The quick brown fox jumps over the lazy dog and",
     "profile": "Mixture of experts models route every token to",
     "inline": "Water boils at 100 degrees Celsius at sea level and",
+    "graded": "Graded steering moves every chosen expert part of the way",
     "plain_b": "Once upon a time there was a little robot who",
 }
 
 
-def _steerings(shape: dict[str, Any]) -> dict[str, dict[int, tuple[list[int], list[int]]]]:
-    """Two different steerings that use every MoE layer; at most top_k activated per layer."""
+# The graded request's steering_strength (the others run at full strength).
+GRADED_STRENGTH = 0.6
+
+
+def _steerings(shape: dict[str, Any]) -> dict[str, dict[int, tuple]]:
+    """Two different on/off steerings that use every MoE layer (at most top_k activated per
+    layer), and a graded one: a switch and biases in the first and last MoE layers."""
     layers = shape["moe_layers"]
     k, n = shape["top_k"], shape["num_experts"]
     profile = {layer: ([0], [1, 2]) for layer in layers}
     inline = {layers[0]: (list(range(n - k, n)), []), layers[-1]: ([], [0, 3])}
-    return {"profile": profile, "inline": inline}
+    graded = {layers[0]: ([1], [], {3: 2.0, 4: -1.5}), layers[-1]: ([], [0], {2: 1.0})}
+    return {"profile": profile, "inline": inline, "graded": graded}
 
 
-def _as_json_sets(steering: dict[int, tuple[list[int], list[int]]]) -> dict[str, Any]:
-    return {
-        "activate": {str(layer): a for layer, (a, _) in steering.items() if a},
-        "deactivate": {str(layer): d for layer, (_, d) in steering.items() if d},
+def _as_json_sets(steering: dict[int, tuple]) -> dict[str, Any]:
+    sets: dict[str, Any] = {
+        "activate": {str(layer): s[0] for layer, s in steering.items() if s[0]},
+        "deactivate": {str(layer): s[1] for layer, s in steering.items() if s[1]},
     }
+    bias = {str(layer): {str(e): v for e, v in s[2].items()}
+            for layer, s in steering.items() if len(s) > 2 and s[2]}
+    if bias:
+        sets["bias"] = bias
+    return sets
+
+
+def _strength(name: str) -> float:
+    return GRADED_STRENGTH if name == "graded" else 1.0
 
 
 @pytest.fixture(scope="module", params=CPU_FAMILIES)
@@ -84,6 +100,8 @@ def family_run(request, build_tiny, tmp_path_factory) -> dict[str, Any]:
         "plain_a": {},
         "profile": {"steering_profile": "test-profile"},
         "inline": {"steering": _as_json_sets(steerings["inline"])},
+        "graded": {"steering": _as_json_sets(steerings["graded"]),
+                   "steering_strength": GRADED_STRENGTH},
         "plain_b": {},
     }
     # The plugin-state probe is a function sent to the workers (vLLM pickles it only then).
@@ -153,7 +171,8 @@ def test_two_profiles_in_one_batch_route_differently(family_run):
 def test_routing_matches_transformers_reference(family_run, name):
     result = family_run["results"][name]
     steering = family_run["steerings"].get(name)
-    expected = hf_routing(family_run["checkpoint"], _sequence(result), steering, EPS)
+    expected = hf_routing(family_run["checkpoint"], _sequence(result), steering, EPS,
+                          _strength(name))
     got = np.sort(result["routing"].expert_ids, axis=-1)
     agreement = float((got == np.sort(expected, axis=-1)).all(axis=-1).mean())
     # Float32 on both sides; a near-tie between the k-th and (k+1)-th expert may flip.
@@ -166,7 +185,8 @@ def test_prompt_logprobs_match_transformers_reference(family_run, name):
 
     result = family_run["results"][name]
     steering = family_run["steerings"].get(name)
-    logits = hf_steered_logits(family_run["checkpoint"], result["prompt_ids"], steering, EPS)
+    logits = hf_steered_logits(family_run["checkpoint"], result["prompt_ids"], steering, EPS,
+                               _strength(name))
     reference = torch.log_softmax(logits.float(), dim=-1)
     worst, compared = 0.0, 0
     for position, entry in enumerate(result["prompt_logprobs"]):
@@ -247,7 +267,7 @@ def test_unsteered_requests_match_the_stock_engine(family_run, name):
 
 def test_steered_requests_differ_from_the_stock_engine(family_run):
     """The comparison above can tell: a steered request's logprobs are not the stock ones."""
-    for name in ("profile", "inline"):
+    for name in ("profile", "inline", "graded"):
         ours = family_run["results"][name]["json"]
         stock = family_run["stock"][name]
         moved = [abs(mine[t] - theirs[t])

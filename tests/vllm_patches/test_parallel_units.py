@@ -87,13 +87,15 @@ def test_a_stage_runs_steering_of_other_stages_only_as_a_zero_mask(flags):
     flags.steering_active = table.steering_active
     assert flags.steering_active
     torch.ops.steermoe.steer_router_logits_(edited, table.token_profiles,
-                                            table.layer_masks(1), table.eps, LAYER_NAME)
+                                            table.layer_masks(1), table.eps, table.layer_bias(1),
+                                            table.strength, LAYER_NAME)
     assert torch.equal(edited, logits)
     # The same step on the stage that holds layer 5 edits it.
     held = stage_table(1)
     held.prepare_step(StepPlan(["r"], np.array([3]), np.array([0])), lambda r: other)
     torch.ops.steermoe.steer_router_logits_(edited, held.token_profiles, held.layer_masks(5),
-                                            held.eps, LAYER_NAME)
+                                            held.eps, held.layer_bias(5), held.strength,
+                                            LAYER_NAME)
     assert (edited.argmax(dim=1) == 6).all()
 
 

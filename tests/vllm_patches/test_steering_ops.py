@@ -51,6 +51,11 @@ def case(num_tokens: int = 6, dtype: torch.dtype = torch.float32, seed: int = 0)
     return logits, profiles, masks, eps
 
 
+def no_grading(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The graded tables of on/off steering: no bias, strength 1."""
+    return torch.zeros(masks.shape), torch.ones(masks.shape[0])
+
+
 def test_ops_are_registered(flags):
     assert hasattr(torch.ops.steermoe, "steer_router_logits_")
     assert hasattr(torch.ops.steermoe, "record_routing_")
@@ -64,7 +69,7 @@ def test_ops_are_registered(flags):
 def test_steer_op_does_nothing_when_not_active(dtype):
     logits, profiles, masks, eps = case(dtype=dtype)
     before = logits.clone()
-    assert torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps,
+    assert torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, *no_grading(masks),
                                                    LAYER_NAME) is None
     assert torch.equal(logits, before)
 
@@ -75,17 +80,36 @@ def test_steer_op_equals_steering_math_when_active(dtype, flags):
     expected = steering_math.steer_router_logits(logits, profiles, masks, eps)
     flags.steering_active = True
     ptr = logits.data_ptr()
-    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, LAYER_NAME)
+    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, *no_grading(masks),
+                                            LAYER_NAME)
     assert logits.data_ptr() == ptr
     assert torch.equal(logits, expected)
     assert not torch.equal(logits, case(dtype=dtype)[0])
+
+
+def test_steer_op_applies_graded_tables_on_graded_steps(flags):
+    logits, profiles, masks, eps = case()
+    bias = torch.zeros(masks.shape)
+    bias[2, 1] = 9.0
+    strength = torch.tensor([1.0, 1.0, 0.5])
+    expected = steering_math.steer_router_logits(logits, profiles, masks, eps, bias, strength)
+    on_off = steering_math.steer_router_logits(logits, profiles, masks, eps)
+    flags.steering_active = True
+    for graded, want in ((True, expected), (False, on_off)):
+        flags.graded = graded
+        edited = logits.clone()
+        torch.ops.steermoe.steer_router_logits_(edited, profiles, masks, eps, bias, strength,
+                                                LAYER_NAME)
+        assert torch.equal(edited, want)
+    assert not torch.equal(expected, on_off)
 
 
 def test_steer_op_ignores_recording_flag(flags):
     logits, profiles, masks, eps = case()
     before = logits.clone()
     flags.recording = True
-    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, LAYER_NAME)
+    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, *no_grading(masks),
+                                            LAYER_NAME)
     assert torch.equal(logits, before)
 
 
@@ -120,7 +144,8 @@ def test_record_op_casts_int64_ids(flags):
 def moe_router(hidden, weight, profiles, masks, eps, record):
     """A toy MoE routing step: router matmul, steering edit, top-k, capture."""
     logits = hidden @ weight
-    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, LAYER_NAME)
+    torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, *no_grading(masks),
+                                            LAYER_NAME)
     probs = torch.softmax(logits, dim=-1)
     weights, ids = torch.topk(probs, 2, dim=-1)
     torch.ops.steermoe.record_routing_(record, ids.to(torch.int32), LAYER_NAME)
@@ -215,7 +240,8 @@ def test_compiled_in_place_on_an_input(dtype, flags):
     """The op mutates a graph input: the caller's tensor must hold the edit afterwards."""
 
     def edit(logits, profiles, masks, eps):
-        torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, LAYER_NAME)
+        torch.ops.steermoe.steer_router_logits_(logits, profiles, masks, eps, *no_grading(masks),
+                                                LAYER_NAME)
         return logits.sum()
 
     logits, profiles, masks, eps = case(dtype=dtype)

@@ -577,7 +577,9 @@ def test_two_engines_in_one_process_keep_their_own_step_state():
         with forward_context_of(hook):
             torch.ops.steermoe.steer_router_logits_(edited, steered.table.token_profiles,
                                                     steered.table.layer_masks(1),
-                                                    steered.table.eps, hook.layer_name)
+                                                    steered.table.eps,
+                                                    steered.table.layer_bias(1),
+                                                    steered.table.strength, hook.layer_name)
         assert torch.equal(edited, logits) is not changed
     steered.finish_step()
     assert not steered.flags.steering_active

@@ -353,18 +353,21 @@ def test_cuda_op_skips_idle_eager_steps_and_is_always_in_a_graph() -> None:
     from vllm_patches.vllm_compat.layer_lookup import forward_context_of
 
     original, profiles, masks, eps = _inputs(64, 64, 3, torch.bfloat16, device="cuda")
+    bias = torch.zeros(masks.shape, device="cuda")
+    strength = torch.ones(masks.shape[0], device="cuda")
     buffer = torch.zeros(256, dtype=torch.int32, device="cuda")
     name = "model.layers.1.mlp.experts"
     layer = SimpleNamespace(layer_name=name, flags=steering_ops.StepFlags(), rerouter=None)
     logits = original.clone()
     with forward_context_of(layer):
-        torch.ops.steermoe.steer_router_logits_(logits, buffer, masks, eps, name)
+        torch.ops.steermoe.steer_router_logits_(logits, buffer, masks, eps, bias, strength, name)
     assert torch.equal(logits, original)
-    precompile_edit_kernel(SimpleNamespace(token_profiles=buffer, masks=masks, eps=eps), 64)
+    precompile_edit_kernel(SimpleNamespace(token_profiles=buffer, masks=masks, eps=eps, bias=bias,
+                                           strength=strength), 64)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with forward_context_of(layer), torch.cuda.graph(graph):
-        torch.ops.steermoe.steer_router_logits_(logits, buffer, masks, eps, name)
+        torch.ops.steermoe.steer_router_logits_(logits, buffer, masks, eps, bias, strength, name)
     for source in (torch.zeros_like(profiles), profiles):
         buffer[:64].copy_(source)
         logits.copy_(original)

@@ -9,6 +9,12 @@ Activated experts (and their groups) are thereby always selected, deactivated on
 weights stay the router's own: sigmoid of the edited logits (an activated expert has the
 token's highest affinity), renormalised and scaled by `routed_scaling_factor`. Exact.
 
+Graded steering here is the edit on the logits z (the log-odds the sigmoid reads): a bias b
+gives sigmoid(z + lambda * b), and at a strength lambda < 1 activated / deactivated experts move
+the fraction lambda toward their targets. Only full-strength switches are forced by the
+re-route; graded rows are routed by the model's own rule on the edited logits, correction bias
+included, so a graded push guarantees no selection.
+
 The re-route runs in Python per profile present in the step, which CUDA-graph replay cannot
 express: an engine with these routers and CUDA graphs refuses steered requests with a message
 asking for `--enforce-eager`. Tested by `test_biased_routers.py` (vLLM's CPU and GPU routers
@@ -47,7 +53,8 @@ class BiasedRerouter:
         tokens = router_logits.shape[0]
         profiles = self.steering.token_profiles[:tokens].long()
         masks = self.steering.masks
-        touched = masks[profiles].ne(0).any(dim=1)
+        forced = masks.ne(0).any(dim=1) & self.steering.strength.eq(1.0)
+        touched = forced[profiles]
         for profile in profiles[touched].unique().tolist():
             rows = (profiles == profile).nonzero().squeeze(1)
             mask = masks[profile].to(self.bias.dtype)
@@ -90,7 +97,7 @@ KIND = RouterKind(
     name="sigmoid_bias_grouped",
     meaning="sigmoid; choose by sigmoid + correction bias (groups by top-2 sum); steered rows "
             "are routed again with the bias moved by 1e4, so activated experts are always "
-            "selected, deactivated ones never",
+            "selected, deactivated ones never (graded steering: the logit edit only)",
     model_types=("deepseek_v3", "kimi_k2", "glm4_moe"),
     families="DeepSeek-V3, Moonlight, Kimi-K2, GLM-4.5",
     # Every router of vLLM that selects with a correction bias.

@@ -94,14 +94,21 @@ class FrontendSteering:
             kept[rs.CAPTURE_ID_KEY] = request.request_id
         if steering is not None:
             kept[rs.RESOLVED_KEY] = steering.to_extra_args()
-        request.cache_salt = rs.salted(request.cache_salt,
-                                       steering.digest if steering is not None else None)
+            if steering.guard is not None:  # its decision is fetched under the caller's id
+                kept[rs.GUARD_ID_KEY] = request.request_id
+        digest = steering.digest if steering is not None else None
+        if steering is not None and steering.guard is not None:
+            # A guard scores the routing of every prompt token: none may come from the prefix
+            # cache, so a guarded request shares no KV blocks with any other request.
+            digest = f"{digest}:{request.request_id}"
+        request.cache_salt = rs.salted(request.cache_salt, digest)
         if params is not None and extra:
             params.extra_args = kept or None
 
     def _steering(self, fields: dict[str, Any]) -> rs.ResolvedSteering | None:
         """The resolved steering of a request's (trusted) fields, checked against the engine."""
-        given = {name: fields[name] for name in (rs.PROFILE_KEY, rs.INLINE_KEY) if name in fields}
+        given = {name: fields[name] for name in (rs.PROFILE_KEY, rs.INLINE_KEY, rs.GUARD_KEY,
+                                                 rs.STRENGTH_KEY) if name in fields}
         wire = fields.get(rs.RESOLVED_KEY)
         if wire is None and not given:
             return None
@@ -117,6 +124,8 @@ class FrontendSteering:
             # The worker's own check: what passes here, the worker can apply.
             problem = applicable_problem(steering, shape.moe_layers, shape.num_experts,
                                          shape.top_k)
+            if problem is None and steering.guard is not None:
+                problem = steering.guard.problem(list(shape.moe_layers), shape.num_experts)
             if problem is not None:
                 raise rs.SteeringRequestError(f"steering cannot be applied: {problem}")
         return steering

@@ -17,6 +17,7 @@ from typing import Any
 
 from vllm_patches import routers
 from vllm_patches.engine_steering import EngineSteering, MoELayerInfo
+from vllm_patches.guard_decisions import GUARD_METHOD
 from vllm_patches.routing_capture import DISCARD_METHOD, TAKE_METHOD, take_answer
 from vllm_patches.vllm_compat import engine_info_path
 from vllm_patches.vllm_compat.layer_lookup import STEERING_ATTR
@@ -235,6 +236,14 @@ def _write_engine_info(runner: Any, info: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _prompt_len(request: Any) -> int:
+    """A scheduled request's prompt length (`CachedRequestState`, vLLM 0.26 through 0.32)."""
+    length = getattr(request, "num_prompt_tokens", None)
+    if length is None:
+        length = len(request.prompt_token_ids or ())
+    return int(length)
+
+
 def install_worker_hooks() -> None:
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -266,6 +275,7 @@ def install_worker_hooks() -> None:
                 first_positions=self.input_batch.num_computed_tokens_cpu[:num_reqs],
                 extra_args_of=lambda r: requests[r].sampling_params.extra_args
                 if requests[r].sampling_params is not None else None,
+                prompt_len_of=lambda r: _prompt_len(requests[r]),
             )
         return result
 
@@ -287,6 +297,10 @@ def install_worker_hooks() -> None:
         steering = getattr(self.model_runner, STEERING_ATTR, None)
         return take_answer(None if steering is None else steering.recorder, capture_ids)
 
+    def steermoe_take_guard_decisions(self, req_ids):
+        steering = getattr(self.model_runner, STEERING_ATTR, None)
+        return {} if steering is None else steering.guard_decisions.take(list(req_ids))
+
     def steermoe_discard_routing(self, capture_ids):
         steering = getattr(self.model_runner, STEERING_ATTR, None)
         if steering is not None:
@@ -298,4 +312,5 @@ def install_worker_hooks() -> None:
     MoERunner._maybe_dispatch = _maybe_dispatch
     setattr(Worker, TAKE_METHOD, steermoe_take_routing)
     setattr(Worker, DISCARD_METHOD, steermoe_discard_routing)
+    setattr(Worker, GUARD_METHOD, steermoe_take_guard_decisions)
 
