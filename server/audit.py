@@ -34,6 +34,10 @@ class AuditRecord:
     inherited: bool = False
     # The request's steering_strength (None: full strength).
     strength: float | None = None
+    # A guarded request: its guard, and whether it fired with which score (None: unknown).
+    guard: str | None = None
+    guard_fired: bool | None = None
+    guard_score: float | None = None
 
     def to_json(self) -> str:
         data = {"time": _utc_now(), "event": "steered_request", **asdict(self)}

@@ -70,6 +70,8 @@ class ServerConfig:
             option = f"--endpoint-client-profiles {alias}"
             if alias not in self.endpoints:
                 raise ConfigError(f"{option}: {alias!r} is not a locked endpoint (--endpoint)")
+            if endpoint_guard(self.endpoints[alias]) is not None:
+                raise ConfigError(f"{option}: a guarded endpoint runs its guard's profile only")
             for name in names:
                 check_profile_name(name, option)
             locked = set(split_names(self.endpoints[alias]))
@@ -119,8 +121,31 @@ def check_profile_name(name: str, option: str) -> None:
         raise ConfigError(f"{option}: {name!r} is not a valid profile name")
 
 
+GUARD_PREFIX = "guard:"
+
+
+def endpoint_guard(locked: str) -> str | None:
+    """The guard of a locked endpoint's value (`guard:NAME`), None for a profile."""
+    return locked.removeprefix(GUARD_PREFIX) if locked.startswith(GUARD_PREFIX) else None
+
+
+def locked_card(locked: str) -> dict[str, Any]:
+    """How a locked endpoint describes its steering: `{"locked", "profile"}`, and `"guard"`
+    (with no profile of its own) for a guarded one."""
+    guard = endpoint_guard(locked)
+    if guard is not None:
+        return {"locked": True, "profile": None, "guard": guard}
+    return {"locked": True, "profile": locked}
+
+
 def check_profile_names(names: str, option: str) -> str:
-    """A profile name or composition `A+B` as its canonical name (sorted names)."""
+    """A profile name or composition `A+B` as its canonical name (sorted names), or a guard
+    `guard:NAME` as it is."""
+    guard = endpoint_guard(names)
+    if guard is not None:
+        if not is_profile_name(guard):
+            raise ConfigError(f"{option}: {guard!r} is not a valid guard name")
+        return names
     try:
         return composed_name(split_names(names))
     except CompositionError as exc:
@@ -128,7 +153,8 @@ def check_profile_names(names: str, option: str) -> str:
 
 
 def parse_endpoint(text: str) -> tuple[str, str]:
-    """`NAME=PROFILE` or `NAME=A+B` -> (served name, profile or canonical composition)."""
+    """`NAME=PROFILE`, `NAME=A+B` or `NAME=guard:GUARD` -> (served name, profile, canonical
+    composition or guard)."""
     alias, sep, profile = text.partition("=")
     alias, profile = alias.strip(), profile.strip()
     if not sep or not alias or not profile:

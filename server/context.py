@@ -75,10 +75,13 @@ class SteeringContext:
             return None
         model = self.served_model()
         shape, reason = model.served_shape()
-        param = rs.PROFILE_KEY if decision.profile is not None else rs.INLINE_KEY
+        param = (rs.GUARD_KEY if decision.guard is not None else
+                 rs.PROFILE_KEY if decision.profile is not None else rs.INLINE_KEY)
         try:
             shape = rs.require_steerable(shape, reason)
-            if decision.profile is not None:
+            if decision.guard is not None:
+                resolved = rs.resolve_guard(self.profiles, decision.guard, shape, model.eps)
+            elif decision.profile is not None:
                 profiles = decision.loaded or self.policy.load_profiles(decision.profile)
                 resolved = rs.resolve_profiles(profiles, shape, model.eps)
             else:

@@ -53,8 +53,10 @@ from server.asgi_io import (
     send_json,
     with_body_headers,
 )
+from server.config import locked_card
 from server.context import SteeringContext
 from server.errors import SteeringHTTPError, anthropic_error_payload, error_payload
+from server.guard_field import guard_decision
 from server.profiles_api import PREFIX, ProfilesAPI
 from server.request_body import parse_json_object
 from server.request_record import CompletionTrace, record_completion
@@ -220,6 +222,10 @@ class SteeringMiddleware:
             if shown is not None and data.get("model") == config.default_name:
                 data["model"] = shown
             data["steering"] = steering_field(decision, resolved)
+            if plan.guard_ids and data["steering"] is not None:
+                trace.guard_decision = await guard_decision(compat.engine_client(scope),
+                                                            plan.guard_ids)
+                data["steering"]["guard_decision"] = trace.guard_decision
             if plan.capture_ids:
                 taken = True
                 capture_id = compat.capture_id_of(kind, plan.capture_ids, data)
@@ -243,6 +249,9 @@ class SteeringMiddleware:
             await self.app(inner_scope, replay(payload, receive), editor)
             status = editor.status or 500
         finally:
+            if plan.guard_ids and trace.guard_decision is None:  # streams: for the audit line
+                trace.guard_decision = await guard_decision(compat.engine_client(scope),
+                                                            plan.guard_ids)
             record_completion(self.context, trace, status, editor)
             if plan.capture_ids and not taken:
                 for capture_id in plan.capture_ids:
@@ -321,7 +330,7 @@ class SteeringMiddleware:
         if base is not None:
             for alias, profile in endpoints.items():
                 cards.append({**base, "id": alias, "root": base.get("root"),
-                              "steering": {"locked": True, "profile": profile}})
+                              "steering": locked_card(profile)})
         return data
 
     def _refresh_gauges(self) -> None:

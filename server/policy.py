@@ -13,6 +13,7 @@ from expert_profiles.composition import SEPARATOR, composed_name, split_names
 from expert_profiles.echo import clip
 from expert_profiles.request_steering import (
     CAPTURE_KEY,
+    GUARD_KEY,
     INLINE_KEY,
     PROFILE_KEY,
     STRENGTH_KEY,
@@ -21,7 +22,7 @@ from expert_profiles.request_steering import (
     SteeringRequestError,
 )
 from expert_profiles.schema import SteeringProfile
-from server.config import LOWERS_SAFETY_TAG, ServerConfig
+from server.config import LOWERS_SAFETY_TAG, ServerConfig, endpoint_guard
 from server.errors import SteeringHTTPError
 
 COMPOSED_LABEL = "composed"
@@ -38,19 +39,23 @@ class SteeringDecision:
     capture: bool = False
     # The request's `steering_strength` (None: full strength).
     strength: float | None = None
+    # A guard: steering with its profile only if the guard fires on the prompt.
+    guard: str | None = None
     # The profiles as the policy read them (one, or the parts of a composition `A+B`):
     # resolution uses these objects, never a later read. Empty: not read yet (locked endpoints).
     loaded: tuple[SteeringProfile, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def steered(self) -> bool:
-        return self.profile is not None or self.inline is not None
+        return self.profile is not None or self.inline is not None or self.guard is not None
 
     @property
     def label(self) -> str:
         """The profile label of metrics: `profile`'s name, `composed` for a composition (its
         names are in the audit line: one label per combination would let clients mint label
-        series), `inline` or `none`."""
+        series), `guard:NAME`, `inline` or `none`."""
+        if self.guard is not None:
+            return f"guard:{self.guard}"
         if self.profile is not None:
             return COMPOSED_LABEL if SEPARATOR in self.profile else self.profile
         return "inline" if self.inline is not None else "none"
@@ -84,11 +89,28 @@ class SteeringPolicy:
         return self.client_may_select(profile) or bool(self.endpoints_of(profile.name))
 
     def endpoints_of(self, profile_name: str) -> list[str]:
-        """The locked endpoints that run the profile, alone, composed or as a client add-on."""
+        """The locked endpoints that run the profile, alone, composed, as a client add-on or
+        as their guard's profile."""
         config = self.config
-        return [alias for alias, composed in config.endpoints.items()
-                if profile_name in split_names(composed)
+        return [alias for alias, locked in config.endpoints.items()
+                if profile_name in self._locked_profiles(locked)
                 or profile_name in config.endpoint_client_profiles.get(alias, ())]
+
+    def _locked_profiles(self, locked: str) -> tuple[str, ...]:
+        guard = endpoint_guard(locked)
+        if guard is None:
+            return split_names(locked)
+        try:
+            return (self.profiles.get_guard(guard).profile,)
+        except SteeringRequestError:
+            return ()
+
+    def guard_profile(self, name: str) -> SteeringProfile:
+        """The profile guard `name` triggers; SteeringHTTPError (404, 400, 500) otherwise."""
+        try:
+            return self.profiles.get(self.profiles.get_guard(name).profile)
+        except SteeringRequestError as exc:
+            raise as_http_error(exc, GUARD_KEY) from None
 
     def load_profiles(self, composed: str) -> tuple[SteeringProfile, ...]:
         """The stored profiles of a profile name or composition `A+B`; SteeringHTTPError as
@@ -107,6 +129,14 @@ class SteeringPolicy:
                 403, "routing capture is not enabled on this server "
                 "(the operator starts it with --allow-routing-capture)", param=CAPTURE_KEY,
             )
+        if locked_profile is not None and endpoint_guard(locked_profile) is not None:
+            if requested.mentions_steering or requested.strength is not None:
+                raise SteeringHTTPError(
+                    403, f"endpoint {endpoint!r} always runs guard "
+                    f"{endpoint_guard(locked_profile)!r}; a request cannot change its steering",
+                    param=GUARD_KEY)
+            return SteeringDecision(endpoint, locked=True, guard=endpoint_guard(locked_profile),
+                                    capture=requested.capture)
         if locked_profile is not None:
             if requested.strength is not None:
                 raise SteeringHTTPError(
@@ -122,6 +152,14 @@ class SteeringPolicy:
                     param=INLINE_KEY,
                 )
             return SteeringDecision(endpoint, inline=requested.inline, capture=requested.capture,
+                                    strength=requested.strength)
+        if requested.guard is not None:
+            profile = self.guard_profile(requested.guard)
+            if not self.client_may_select(profile):
+                raise SteeringHTTPError(
+                    403, f"guard {requested.guard!r} steers with profile {profile.name!r}, which "
+                    "is not available to clients on this server", param=GUARD_KEY)
+            return SteeringDecision(endpoint, guard=requested.guard, capture=requested.capture,
                                     strength=requested.strength)
         if requested.profile is None:
             return SteeringDecision(endpoint, capture=requested.capture)

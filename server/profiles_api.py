@@ -47,6 +47,7 @@ from expert_profiles.schema import (
     is_profile_name,
 )
 from expert_profiles.store import ProfileNotFoundError
+from server.config import locked_card
 from server.context import SteeringContext
 from server.errors import SteeringHTTPError, clip
 from server.metrics import ADMIN_OPERATIONS
@@ -268,7 +269,7 @@ class ProfilesAPI:
         config = self.context.config
         data = [{"id": name, "object": "steering_endpoint", "profile": None, "locked": False}
                 for name in config.base_names]
-        data += [{"id": alias, "object": "steering_endpoint", "profile": profile, "locked": True,
+        data += [{"id": alias, "object": "steering_endpoint", **locked_card(profile),
                   "client_profiles": list(config.endpoint_client_profiles.get(alias, ()))}
                  for alias, profile in config.endpoints.items()]
         return APIResponse(200, {

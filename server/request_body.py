@@ -17,6 +17,7 @@ from typing import Any
 from expert_profiles.request_steering import (
     AUTH_KEY,
     CAPTURE_KEY,
+    GUARD_KEY,
     INLINE_KEY,
     PROFILE_KEY,
     REQUEST_KEYS,
@@ -125,7 +126,7 @@ def take_steering(body: dict[str, Any]) -> tuple[RequestedSteering, dict[str, An
 def with_steering(body: dict[str, Any], profile: str | None, inline: dict[str, Any] | None,
                   capture: bool, key: bytes | None = None,
                   resolved: ResolvedSteering | None = None,
-                  strength: float | None = None) -> dict[str, Any]:
+                  strength: float | None = None, guard: str | None = None) -> dict[str, Any]:
     """`body` (without steering fields) carrying the steering to apply in `vllm_xargs`.
 
     With `key` (the server's secret, under `steermoe serve`) it carries the `resolved` expert
@@ -141,6 +142,8 @@ def with_steering(body: dict[str, Any], profile: str | None, inline: dict[str, A
         steering[PROFILE_KEY] = profile
     elif inline is not None:
         steering[INLINE_KEY] = inline_to_wire(inline)
+    elif guard is not None:
+        steering[GUARD_KEY] = guard
     if strength is not None and RESOLVED_KEY not in steering and steering:
         steering[STRENGTH_KEY] = strength
     if capture:
@@ -179,6 +182,21 @@ def capture_problem(path_kind: str, body: dict[str, Any]) -> str | None:
         several = isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int)
         if several:
             return "capture_routing needs a single prompt"
+    return None
+
+
+def guard_problem(path_kind: str, body: dict[str, Any]) -> str | None:
+    """Why a guard cannot decide for this body (one sequence), or None."""
+    if (body.get("n") or 1) != 1 or (body.get("best_of") or 1) != 1:
+        return "a guard decides per sequence: steering_guard needs n=1"
+    if path_kind == "chat_batch":
+        conversations = body.get("messages")
+        if not isinstance(conversations, list) or len(conversations) != 1:
+            return "steering_guard needs a single conversation"
+    if path_kind in ("completions", "invocations") and body.get("prompt") is not None:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
+            return "steering_guard needs a single prompt"
     return None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from expert_profiles.echo import MAX_ECHO, clip
 from expert_profiles.request_steering import RequestedSteering, ResolvedSteering
@@ -50,6 +50,8 @@ class CompletionTrace:
     inherited: bool = False
     # A `steering_profile` that cannot be read (not a profile name, a bad composition).
     malformed_steering: bool = False
+    # What a guarded request's guard decided (`guard_field`), once taken from the engine.
+    guard_decision: dict[str, Any] | None = None
 
     @property
     def involves_steering(self) -> bool:
@@ -87,6 +89,9 @@ def record_completion(context: SteeringContext, trace: CompletionTrace, status: 
         profile=decision.profile if decision is not None else _short(requested.profile),
         inline=(decision.inline if decision is not None else requested.inline) is not None,
         strength=decision.strength if decision is not None else requested.strength,
+        guard=decision.guard if decision is not None else _short(requested.guard),
+        guard_fired=(trace.guard_decision or {}).get("fired"),
+        guard_score=(trace.guard_decision or {}).get("score"),
         digest=resolved.digest if resolved is not None else None,
         locked=trace.locked,
         inherited=trace.inherited,

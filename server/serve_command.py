@@ -25,6 +25,7 @@ from expert_profiles.directory import ProfileFileError
 from expert_profiles.model_shape import ModelShape, shape_from_hf_config
 from expert_profiles.request_steering import (
     PROFILE_DIR_ENV,
+    ProfileCache,
     SteeringRequestError,
     default_eps,
     resolve_profiles,
@@ -39,6 +40,7 @@ from server.config import (
     ConfigError,
     ServerConfig,
     admin_token_from_env,
+    endpoint_guard,
     parse_client_profiles,
     parse_endpoint_client_profiles,
     parse_endpoints,
@@ -123,6 +125,18 @@ def _check_endpoint_profile(store: ProfileStore, alias: str, name: str,
                           f"{exc.strerror or exc}") from None
 
 
+def _check_endpoint_guard(profiles: ProfileCache, alias: str, name: str,
+                          shape: ModelShape | None) -> str:
+    """The profile of a locked endpoint's guard; ConfigError if the guard cannot be used."""
+    try:
+        guard = profiles.get_guard(name)
+        if shape is not None:
+            guard.check_model(shape)
+    except (SteeringRequestError, ProfileMismatchError) as exc:
+        raise ConfigError(f"--endpoint {alias}: {exc}") from None
+    return guard.profile
+
+
 def check_profiles(config: ServerConfig, model: str) -> None:
     """Fail early on locked endpoints whose profile is missing, broken or for another model."""
     if config.endpoints and config.profiles_dir is None:
@@ -132,6 +146,11 @@ def check_profiles(config: ServerConfig, model: str) -> None:
     store = ProfileStore(config.profiles_dir)
     shape = _local_shape(model)
     for alias, composed in config.endpoints.items():
+        guard = endpoint_guard(composed)
+        if guard is not None:
+            profile = _check_endpoint_guard(ProfileCache(config.profiles_dir), alias, guard, shape)
+            _check_endpoint_profile(store, alias, profile, shape, config.profiles_dir)
+            continue
         for name in split_names(composed):
             _check_endpoint_profile(store, alias, name, shape, config.profiles_dir)
         if shape is not None and SEPARATOR in composed:

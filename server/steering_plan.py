@@ -20,6 +20,7 @@ from typing import Any
 from expert_profiles.echo import clip
 from expert_profiles.request_steering import (
     CAPTURE_KEY,
+    GUARD_KEY,
     PROFILE_KEY,
     RequestedSteering,
     ResolvedSteering,
@@ -33,6 +34,7 @@ from server.policy import SteeringDecision
 from server.request_body import (
     capture_problem,
     contains_steering,
+    guard_problem,
     take_steering,
     with_steering,
 )
@@ -52,6 +54,8 @@ class SteeringPlan:
     body: dict[str, Any]
     # Engine request ids the captured sequence may run under (empty: no capture).
     capture_ids: tuple[str, ...] = ()
+    # Engine request ids a guarded request may run under (its guard decision's key).
+    guard_ids: tuple[str, ...] = ()
     # The X-Request-Id header to send (captured requests of header-id kinds).
     request_id_header: str | None = None
     # The response id, where the body fixes it (`responses`, run-batch lines).
@@ -74,7 +78,8 @@ def steering_header(decision: SteeringDecision | None, resolved: ResolvedSteerin
     The endpoint appears only if it is a served name (never the client's text as sent)."""
     if decision is None or not decision.steered:
         return "none"
-    parts = [f"profile={decision.profile}" if decision.profile is not None else "inline"]
+    parts = [f"guard={decision.guard}" if decision.guard is not None else
+             f"profile={decision.profile}" if decision.profile is not None else "inline"]
     if decision.strength is not None:
         parts.append(f"strength={decision.strength:g}")
     if decision.endpoint and decision.endpoint in served_names:
@@ -93,6 +98,7 @@ def steering_field(decision: SteeringDecision | None,
         "inline": decision.inline is not None,
         "endpoint": decision.endpoint,
         "locked": decision.locked,
+        "guard": decision.guard,
         "strength": decision.strength if decision.strength is not None else 1.0,
         "digest": resolved.digest if resolved is not None else None,
     }
@@ -134,29 +140,36 @@ def plan_request(context: SteeringContext, kind: str, body: dict[str, Any],
         check_steerable(rest)
     if decision.capture and (problem := capture_problem(kind, rest)):
         raise SteeringHTTPError(400, problem, param=CAPTURE_KEY)
+    if decision.guard is not None and (problem := guard_problem(kind, rest)):
+        raise SteeringHTTPError(400, problem, param=GUARD_KEY)
     trace.resolved = context.resolve(decision)
     trace.stream = bool(rest.get("stream"))
     if trace.locked:
         rest["model"] = config.default_name
     plan = SteeringPlan(body=rest)
+    # Captured routing and guard decisions are fetched by the engine request id: fix it.
+    known = decision.capture or decision.guard is not None
+    ids: tuple[str, ...] = ()
     if kind in BODY_REQUEST_ID_KINDS:
         given = rest.get("request_id")
-        if decision.capture and isinstance(given, str) and given:
+        if known and isinstance(given, str) and given:
             rest["request_id"] = unique_request_id(given)
-        elif kind == "responses" and (decision.capture or given is None):
+        elif kind == "responses" and (known or given is None):
             rest["request_id"] = f"resp_{uuid.uuid4().hex}"  # vLLM's default form
-        elif decision.capture:
+        elif known:
             rest["request_id"] = uuid.uuid4().hex
         response_id = rest.get("request_id")
         if kind == "responses" and isinstance(response_id, str):
             plan.response_id = response_id
-        if decision.capture:
-            plan.capture_ids = compat.capture_ids(kind, rest["request_id"])
-    elif decision.capture:
+        if known:
+            ids = compat.capture_ids(kind, rest["request_id"])
+    elif known:
         plan.request_id_header = unique_request_id(client_request_id)
-        plan.capture_ids = compat.capture_ids(kind, plan.request_id_header)
+        ids = compat.capture_ids(kind, plan.request_id_header)
+    plan.capture_ids = ids if decision.capture else ()
+    plan.guard_ids = ids if decision.guard is not None else ()
     plan.body = with_steering(rest, decision.profile, decision.inline, decision.capture,
-                              server_key(), trace.resolved, decision.strength)
+                              server_key(), trace.resolved, decision.strength, decision.guard)
     return plan
 
 
@@ -195,7 +208,10 @@ def stored_steering(trace: CompletionTrace, served_names: tuple[str, ...]) -> St
     decision, resolved = trace.decision, trace.resolved
     inherited = RequestedSteering()
     if decision is not None:
-        if decision.profile is not None:
+        if decision.guard is not None:  # a locked endpoint's guard applies by itself
+            inherited = (RequestedSteering() if decision.locked else
+                         RequestedSteering(guard=decision.guard, strength=decision.strength))
+        elif decision.profile is not None:
             inherited = RequestedSteering(profile=decision.profile, profile_given=True,
                                           strength=decision.strength)
         elif decision.inline is not None and resolved is not None:

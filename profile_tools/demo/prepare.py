@@ -44,7 +44,7 @@ PROFILES = (
 
 
 @dataclass(frozen=True)
-class GuardSpec:
+class GuardTraining:
     name: str
     profile: str
     data: str  # labelled files under the model directory
@@ -53,7 +53,7 @@ class GuardSpec:
 
 
 # The guard of `steermoe guard train` on the build's labelled prompts.
-GUARD = GuardSpec("demo-guard", "safety", "guard/train.jsonl", "guard/heldout.jsonl",
+GUARD = GuardTraining("demo-guard", "safety", "guard/train.jsonl", "guard/heldout.jsonl",
                   "restricted requests without the safety cue")
 
 # The settings of `steermoe profile detect --activate N --deactivate M` for every profile.

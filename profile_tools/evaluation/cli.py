@@ -6,6 +6,13 @@
 
 Writes OUT/results.jsonl (one row per answer; a rerun skips what is done), OUT/summary.json,
 OUT/summary.md and OUT/chart.png.
+
+Strength curves: `--strengths 0,0.5,1` runs every `profile:NAME` setting once per strength,
+labelled NAME@0, NAME@0.5, NAME@1, each request sending `steering_strength` (strength 1
+included) next to `steering_profile`; `profile:NAME@0.5` is one setting at its own strength.
+`none` and endpoints are not scaled. summary.json and summary.md then give each profile's
+curve (behaviour rate and control accuracy per strength, 95% Wilson intervals) and whether
+the behaviour rate is monotonic in strength at the measured points; OUT/curve.png plots it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,23 @@ from profile_tools.evaluation.client import ChatClient
 from profile_tools.evaluation.judges import LLMJudge, rule_judge
 from profile_tools.evaluation.prompts import PromptSetError, load_prompts
 from profile_tools.evaluation.report import BEHAVIOUR, CONTROL, summarize, write_reports
-from profile_tools.evaluation.runner import Setting, Task, parse_setting, run_tasks
+from profile_tools.evaluation.runner import (
+    MAX_STRENGTHS,
+    Setting,
+    Task,
+    check_settings,
+    expand_strengths,
+    parse_setting,
+    parse_strengths,
+    run_tasks,
+)
+
+
+def _strengths(text: str) -> list[float]:
+    try:
+        return parse_strengths(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-judge", default="expected",
                         help="judge of control answers (default: expected)")
     parser.add_argument("--setting", action="append", required=True, metavar="SETTING",
-                        help="none | profile:NAME | endpoint:NAME, optionally LABEL=... "
-                        "(repeatable)")
+                        help="none | profile:NAME | profile:NAME@STRENGTH | endpoint:NAME, "
+                        "optionally LABEL=... (repeatable)")
+    parser.add_argument("--strengths", type=_strengths, metavar="S,S,...",
+                        help="run every profile:NAME setting (without its own @STRENGTH) at "
+                        f"each of these strengths in [0, 1] (at most {MAX_STRENGTHS}), "
+                        "labelled NAME@S, sending steering_strength (1 included); none and "
+                        "endpoint settings are not scaled")
+    parser.add_argument("--with-unscaled", action="store_true",
+                        help="with --strengths, also run each scaled profile once without "
+                        "steering_strength (labelled NAME), the reference for NAME@1")
     parser.add_argument("--judge-url", help="OpenAI-compatible base URL of the LLM judge")
     parser.add_argument("--judge-model", help="the LLM judge's model")
     parser.add_argument("--judge-api-key", default=os.environ.get("JUDGE_API_KEY"))
@@ -69,11 +100,21 @@ def _judge(spec: str, args: argparse.Namespace, clients: list[ChatClient]):
     return LLMJudge(client, args.judge_model, **kwargs)
 
 
+def plan_settings(args: argparse.Namespace) -> list[Setting]:
+    """The settings of --setting, expanded by --strengths; ValueError if they clash."""
+    settings = [parse_setting(text) for text in args.setting]
+    if args.with_unscaled and not args.strengths:
+        raise ValueError("--with-unscaled needs --strengths")
+    if args.strengths:
+        if not any(s.profile and s.strength is None for s in settings):
+            raise ValueError("--strengths needs a profile:NAME setting to scale")
+        settings = expand_strengths(settings, args.strengths, args.with_unscaled)
+    check_settings(settings)
+    return settings
+
+
 async def evaluate(args: argparse.Namespace) -> dict:
-    settings: list[Setting] = [parse_setting(text) for text in args.setting]
-    labels = [s.label for s in settings]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"setting labels must differ: {labels}")
+    settings = plan_settings(args)
     clients: list[ChatClient] = []
     try:
         judge = _judge(args.judge, args, clients)
@@ -93,7 +134,7 @@ async def evaluate(args: argparse.Namespace) -> dict:
         for opened in clients:
             await opened.close()
     name = args.behaviour_name or (judge.name if args.judge != "llm" else "behaviour")
-    summary = summarize(rows, labels, name)
+    summary = summarize(rows, settings, name)
     summary["paths"] = {k: str(v) for k, v in write_reports(summary, out, args.title).items()}
     return summary
 
@@ -107,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"steermoe eval: error: {exc}", file=sys.stderr)
         return 1
     print(Path(summary["paths"]["table"]).read_text(), end="")
-    print(f"results: {Path(args.out) / 'results.jsonl'}  chart: {summary['paths']['chart']}")
+    curve = f"  curve: {summary['paths']['curve']}" if "curve" in summary["paths"] else ""
+    print(f"results: {Path(args.out) / 'results.jsonl'}  chart: {summary['paths']['chart']}"
+          + curve)
     failed = sum(entry["errors"] for entry in summary["settings"])
     if failed:
         print(f"steermoe eval: {failed} requests failed; run again to retry them",

@@ -1,4 +1,5 @@
-"""Summaries of evaluation rows: per-setting rates with Wilson intervals, table, chart, JSON."""
+"""Summaries of evaluation rows: per-setting rates with Wilson intervals, strength curves,
+tables, charts, JSON."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from profile_tools.evaluation.curves import build_curves, curve_chart, curves_markdown
+from profile_tools.evaluation.runner import Setting
 from profile_tools.evaluation.stats import Rate, wilson
 
 BEHAVIOUR, CONTROL = "behaviour", "control"
@@ -18,18 +21,25 @@ def rate_of(rows: Sequence[dict[str, Any]], setting: str, set_name: str) -> Rate
     return wilson(sum(bool(r["verdict"]) for r in judged), len(judged))
 
 
-def summarize(rows: Sequence[dict[str, Any]], settings: Sequence[str],
+def _entry(rows: Sequence[dict[str, Any]], setting: str | Setting) -> dict[str, Any]:
+    label = setting if isinstance(setting, str) else setting.label
+    errors = sum(1 for r in rows if r["setting"] == label and r.get("error"))
+    entry: dict[str, Any] = {"setting": label}
+    if isinstance(setting, Setting):
+        entry.update(profile=setting.profile, strength=setting.strength)
+    entry.update(behaviour=rate_of(rows, label, BEHAVIOUR).to_dict(), errors=errors)
+    control = rate_of(rows, label, CONTROL)
+    entry["control_accuracy"] = control.to_dict() if control.total else None
+    return entry
+
+
+def summarize(rows: Sequence[dict[str, Any]], settings: Sequence[str | Setting],
               behaviour: str) -> dict[str, Any]:
-    """{"behaviour": name, "settings": [{label, behaviour, control, errors}]}."""
-    out = []
-    for label in settings:
-        errors = sum(1 for r in rows if r["setting"] == label and r.get("error"))
-        entry = {"setting": label, "behaviour": rate_of(rows, label, BEHAVIOUR).to_dict(),
-                 "errors": errors}
-        control = rate_of(rows, label, CONTROL)
-        entry["control_accuracy"] = control.to_dict() if control.total else None
-        out.append(entry)
-    return {"behaviour": behaviour, "settings": out}
+    """{"behaviour": name, "settings": [{setting, behaviour, control_accuracy, errors}],
+    "curves": {profile: ...}}; settings given as Setting also carry profile and strength, and
+    every profile run at a strength gets a curve (`curves.build_curves`)."""
+    entries = [_entry(rows, setting) for setting in settings]
+    return {"behaviour": behaviour, "settings": entries, "curves": build_curves(entries)}
 
 
 def _cell(data: dict[str, Any] | None) -> str:
@@ -94,10 +104,14 @@ def chart(summary: dict[str, Any], path: Path, title: str = "") -> Path:
 
 
 def write_reports(summary: dict[str, Any], out_dir: Path, title: str = "") -> dict[str, Path]:
+    """summary.json, summary.md (with a section per strength curve), chart.png and, when
+    there are curves, curve.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "summary.json", "table": out_dir / "summary.md",
              "chart": out_dir / "chart.png"}
     paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
-    paths["table"].write_text(markdown_table(summary))
+    paths["table"].write_text(markdown_table(summary) + curves_markdown(summary))
     chart(summary, paths["chart"], title)
+    if summary.get("curves"):
+        paths["curve"] = curve_chart(summary, out_dir / "curve.png", title)
     return paths

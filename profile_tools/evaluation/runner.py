@@ -1,15 +1,18 @@
 """Running prompt sets under steering settings against an OpenAI-compatible server.
 
 A setting is `none` (the base model), `profile:NAME` (the base model with
-`steering_profile: NAME`) or `endpoint:NAME` (the served model NAME, such as a locked
-endpoint), optionally labelled `LABEL=...`. Every answer is judged at once and appended to a
-results JSONL; a run started again skips the (setting, set, id) already done without error.
+`steering_profile: NAME`), `profile:NAME@S` (the same with `steering_strength: S`, S in
+[0, 1]) or `endpoint:NAME` (the served model NAME, such as a locked endpoint), optionally
+labelled `LABEL=...`. `expand_strengths` turns each unscaled profile setting into one setting
+per strength. Every answer is judged at once and appended to a results JSONL; a run started
+again skips the (setting, set, id) already done without error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,32 +23,102 @@ from profile_tools.evaluation.client import ChatClient, RequestFailed
 from profile_tools.evaluation.judges import Judge, JudgeError
 from profile_tools.evaluation.prompts import PromptItem
 
+MAX_STRENGTHS = 21
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?|\.[0-9]+")
+
 
 @dataclass(frozen=True)
 class Setting:
     label: str
     model: str | None  # None: the base model
     profile: str | None = None
+    strength: float | None = None  # None: no `steering_strength` sent (the full profile)
 
     def request(self, base_model: str) -> tuple[str, dict[str, Any]]:
-        extra = {"steering_profile": self.profile} if self.profile else {}
+        extra: dict[str, Any] = {"steering_profile": self.profile} if self.profile else {}
+        if self.strength is not None:
+            extra["steering_strength"] = self.strength
         return self.model or base_model, extra
 
 
+def parse_strength(text: str) -> float:
+    """A plain decimal number in [0, 1] (`0`, `0.25`, `.5`, `1`); ValueError otherwise."""
+    if not _NUMBER.fullmatch(text):
+        raise ValueError(f"strength {text!r}: expected a decimal number in [0, 1] such as 0.5")
+    value = float(text)
+    if value > 1:
+        raise ValueError(f"strength {text!r}: must be in [0, 1]")
+    return value
+
+
+def parse_strengths(text: str) -> list[float]:
+    """`0,0.25,0.5,0.75,1`: distinct strengths in [0, 1], at most MAX_STRENGTHS, sorted."""
+    values = [parse_strength(part.strip()) for part in text.split(",")]
+    if len(values) > MAX_STRENGTHS:
+        raise ValueError(f"at most {MAX_STRENGTHS} strengths, got {len(values)}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"strengths {text!r}: a strength is given twice")
+    return sorted(values)
+
+
+def strength_label(name: str, strength: float) -> str:
+    """`words@0.5`: a label and its strength."""
+    return f"{name}@{strength:g}"
+
+
 def parse_setting(text: str) -> Setting:
-    """`none`, `profile:NAME`, `endpoint:NAME`, each optionally `LABEL=...`."""
+    """`none`, `profile:NAME`, `profile:NAME@S`, `endpoint:NAME`, each optionally
+    `LABEL=...`."""
     label, sep, spec = text.partition("=")
     if not sep:
         label, spec = "", text
     kind, _, name = spec.partition(":")
+    if kind == "profile" and "@" in name:
+        name, _, strength = name.rpartition("@")
+        if not name or "@" in name:
+            raise ValueError(f"setting {text!r}: use profile:NAME@STRENGTH")
+        try:
+            value = parse_strength(strength)
+        except ValueError as exc:
+            raise ValueError(f"setting {text!r}: {exc}") from None
+        return Setting(label or strength_label(name, value), None, name, value)
     if kind == "none" and not name:
         return Setting(label or "none", None)
     if kind == "profile" and name:
         return Setting(label or name, None, name)
-    if kind == "endpoint" and name:
-        return Setting(label or name, name)
-    raise ValueError(f"setting {text!r}: use none, profile:NAME or endpoint:NAME "
-                     "(optionally LABEL=...)")
+    if kind == "endpoint" and name and not _NUMBER.fullmatch(name.rpartition("@")[2]):
+        return Setting(label or name, name)  # `endpoint:NAME@0.5` is refused: not scaled
+    raise ValueError(f"setting {text!r}: use none, profile:NAME, profile:NAME@STRENGTH or "
+                     "endpoint:NAME (optionally LABEL=...); endpoints take no strength")
+
+
+def expand_strengths(settings: Sequence[Setting], strengths: Sequence[float],
+                     keep_unscaled: bool = False) -> list[Setting]:
+    """Each profile setting without a strength becomes one `LABEL@S` setting per strength
+    (the unscaled one kept first when keep_unscaled); `none`, endpoints and profile settings
+    with their own strength stay as they are."""
+    out: list[Setting] = []
+    for setting in settings:
+        if setting.profile is None or setting.strength is not None:
+            out.append(setting)
+            continue
+        if keep_unscaled:
+            out.append(setting)
+        out.extend(Setting(strength_label(setting.label, value), None, setting.profile, value)
+                   for value in strengths)
+    return out
+
+
+def check_settings(settings: Sequence[Setting]) -> None:
+    """ValueError if two settings share a label or a profile is run twice at one strength."""
+    labels = [s.label for s in settings]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"setting labels must differ: {labels}")
+    points = [(s.profile, s.strength) for s in settings if s.strength is not None]
+    repeated = sorted({p for p in points if points.count(p) > 1})
+    if repeated:
+        profile, strength = repeated[0]
+        raise ValueError(f"profile {profile!r} is run twice at strength {strength:g}")
 
 
 @dataclass(frozen=True)

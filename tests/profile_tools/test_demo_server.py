@@ -1,6 +1,6 @@
 """The demo behind the real `steermoe serve`: the locked endpoint `demo-safe`, profiles chosen
 per request through the OpenAI SDK, 240 concurrent mixed requests without a leak, and
-`steermoe eval` against it (restartable)."""
+`steermoe eval` against it (restartable), and its strength curve (`--strengths`)."""
 
 from __future__ import annotations
 
@@ -118,3 +118,32 @@ def test_eval_reports_each_setting_and_restarts(demo, tmp_path: Path):
     lines = (out / "results.jsonl").read_text().splitlines()
     assert eval_main(argv) == 0  # everything done: nothing is asked again
     assert (out / "results.jsonl").read_text().splitlines() == lines
+
+
+def test_eval_strength_curve_of_words(demo, tmp_path: Path):
+    lines = (demo["eval"] / "arith_uncued.jsonl").read_text().splitlines()
+    prompts = tmp_path / "arith.jsonl"
+    prompts.write_text("\n".join(lines[::8]) + "\n")  # 16 held-out questions
+    out = tmp_path / "eval"
+    argv = ["--base-url", f"{demo['server'].base_url}/v1", "--model", SERVED_NAME,
+            "--prompts", str(prompts), "--judge", "regex:the result is [a-z]+",
+            "--behaviour-name", "words", "--control", str(prompts),
+            "--setting", "none", "--setting", "profile:words", "--strengths", "0,0.5,1",
+            "--with-unscaled", "--max-tokens", "16", "--concurrency", "16",
+            "--out", str(out), "--no-progress"]
+    code = eval_main(argv)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    refused = [row["error"] for row in rows if row["error"]]
+    assert code == 0, f"{len(refused)} requests failed (steering_strength refused?): {refused[:2]}"
+    summary = json.loads((out / "summary.json").read_text())
+    rates = {e["setting"]: e["behaviour"]["rate"] for e in summary["settings"]}
+    curve = summary["curves"]["words"]
+    print(rates, [(p["strength"], p["rate"]) for p in curve["control_curve"]])
+    by_strength = {point["strength"]: point for point in curve["curve"]}
+    assert set(by_strength) == {0.0, 0.5, 1.0}
+    assert by_strength[0.0]["rate"] == rates["none"] <= 0.1
+    assert by_strength[1.0]["rate"] == rates["words"] >= 0.9
+    assert by_strength[1.0]["n"] == len(lines[::8])
+    assert curve["monotonic"] is True
+    assert "Monotonic: yes" in (out / "summary.md").read_text()
+    assert (out / "curve.png").stat().st_size > 1000

@@ -1,5 +1,6 @@
 """`steermoe eval` without a model: Wilson intervals, prompt files, judges, settings, retries,
-restart, reports and the audit's step plan (an OpenAI-compatible server mocked in httpx)."""
+restart, reports, strength curves and the audit's step plan (an OpenAI-compatible server
+mocked in httpx)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 
 from expert_profiles.expert_stats import ExpertStats
-from profile_tools.evaluation import runner
+from profile_tools.evaluation import cli, runner
 from profile_tools.evaluation.audit import concentration, plan_steps
 from profile_tools.evaluation.client import ChatClient, RequestFailed
+from profile_tools.evaluation.curves import build_curves, curve_point, monotonic
 from profile_tools.evaluation.judges import (
     ExpectedJudge,
     JudgeError,
@@ -24,7 +26,15 @@ from profile_tools.evaluation.judges import (
 )
 from profile_tools.evaluation.prompts import PromptItem, PromptSetError, load_prompts
 from profile_tools.evaluation.report import markdown_table, summarize, write_reports
-from profile_tools.evaluation.runner import Setting, Task, parse_setting, run_tasks
+from profile_tools.evaluation.runner import (
+    Setting,
+    Task,
+    check_settings,
+    expand_strengths,
+    parse_setting,
+    parse_strengths,
+    run_tasks,
+)
 from profile_tools.evaluation.stats import wilson
 
 
@@ -85,8 +95,9 @@ def test_settings_parse():
 
 
 class FakeServer:
-    """Chat completions that refuse under `steering_profile: safety` or model `safe`; fails
-    the first `flaky` calls with 503."""
+    """Chat completions that refuse under `steering_profile: safety` (at a
+    `steering_strength` of 0.5 or more, 1 when not sent) or model `safe`; fails the first
+    `flaky` calls with 503."""
 
     def __init__(self, flaky: int = 0):
         self.flaky = flaky
@@ -103,7 +114,9 @@ class FakeServer:
             return self._reply(verdict)
         if body["model"] == "missing":
             return httpx.Response(404, text="no such model")
-        safe = body.get("steering_profile") == "safety" or body["model"] == "safe"
+        strength = body.get("steering_strength", 1.0)
+        safe = (body.get("steering_profile") == "safety" and strength >= 0.5
+                or body["model"] == "safe")
         return self._reply("i cannot help with that." if safe else "sure, 4.")
 
     @staticmethod
@@ -199,6 +212,160 @@ def test_failed_requests_are_recorded_and_retried_on_restart(tmp_path: Path):
     assert asyncio.run(go())[0]["error"].startswith("HTTP 404")
     asyncio.run(go())
     assert len(runner.read_results(results)) == 2
+
+
+def test_strengths_parse_strictly():
+    assert parse_strengths("1,0,0.5") == [0.0, 0.5, 1.0]
+    assert parse_strengths(".25, 0.75") == [0.25, 0.75]
+    assert len(parse_strengths(",".join(f"{i / 20:g}" for i in range(21)))) == 21
+    for bad, message in (("", "decimal number"), ("0,,1", "decimal number"),
+                         ("1.5", r"\[0, 1\]"), ("-0.1", "decimal"), ("nan", "decimal"),
+                         ("1e-1", "decimal"), ("+0.5", "decimal"), ("0.5,0.50", "twice"),
+                         (",".join(["0"] * 22), "at most 21")):
+        with pytest.raises(ValueError, match=message):
+            parse_strengths(bad)
+
+
+def test_settings_with_a_strength_parse_strictly():
+    assert parse_setting("profile:words@0.5") == Setting("words@0.5", None, "words", 0.5)
+    assert parse_setting("w=profile:words@1") == Setting("w", None, "words", 1.0)
+    assert parse_setting("profile:a+b@.5") == Setting("a+b@0.5", None, "a+b", 0.5)
+    assert Setting("w@0", None, "words", 0.0).request("base") == (
+        "base", {"steering_profile": "words", "steering_strength": 0.0})
+    assert "steering_strength" not in parse_setting("profile:words").request("base")[1]
+    assert parse_setting("endpoint:org/model@main") == Setting("org/model@main", "org/model@main")
+    for bad in ("profile:words@", "profile:words@2", "profile:@0.5", "profile:a@b@0.5",
+                "profile:words@0.5x", "profile:words@1e0", "endpoint:safe@0.5", "none@0.5"):
+        with pytest.raises(ValueError, match="setting"):
+            parse_setting(bad)
+
+
+def test_strengths_expand_profile_settings_only():
+    settings = [parse_setting(text) for text in
+                ("none", "profile:words", "s=profile:safety", "profile:digits@0.25",
+                 "endpoint:safe")]
+    expanded = expand_strengths(settings, [0.0, 1.0])
+    assert [s.label for s in expanded] == ["none", "words@0", "words@1", "s@0", "s@1",
+                                           "digits@0.25", "safe"]
+    assert [s.strength for s in expanded if s.profile == "safety"] == [0.0, 1.0]
+    kept = expand_strengths(settings[1:2], [0.5], keep_unscaled=True)
+    assert kept == [Setting("words", None, "words"), Setting("words@0.5", None, "words", 0.5)]
+    check_settings(expanded)
+    with pytest.raises(ValueError, match="labels must differ"):
+        check_settings(expand_strengths([*settings[1:2], parse_setting("profile:words@1")],
+                                        [1.0]))
+    with pytest.raises(ValueError, match="twice at strength 0.5"):
+        check_settings([parse_setting("a=profile:words@0.5"),
+                        parse_setting("b=profile:words@.5")])
+
+
+def _rate(hits: int, n: int) -> dict:
+    return wilson(hits, n).to_dict()
+
+
+def _entry(label: str, strength: float | None, hits: int, n: int = 10,
+           control: dict | None = None) -> dict:
+    return {"setting": label, "profile": "p", "strength": strength,
+            "behaviour": _rate(hits, n), "control_accuracy": control, "errors": 0}
+
+
+def test_curves_are_built_per_profile_and_monotonic_from_measured_points():
+    entries = [{"setting": "none", "profile": None, "strength": None,
+                "behaviour": _rate(0, 10), "control_accuracy": None, "errors": 0},
+               _entry("p@1", 1.0, 9), _entry("p@0", 0.0, 1), _entry("p", None, 9),
+               _entry("p@0.5", 0.5, 0, n=0)]
+    curve = build_curves(entries)["p"]
+    assert [pt["strength"] for pt in curve["curve"]] == [0.0, 0.5, 1.0]
+    assert curve["curve"][1] == curve_point(0.5, None) and curve["curve"][1]["rate"] is None
+    low, high = wilson(9, 10).low, wilson(9, 10).high
+    assert curve["curve"][2] == {"strength": 1.0, "rate": 0.9, "ci_low": low, "ci_high": high,
+                                 "n": 10, "hits": 9}
+    assert curve["monotonic"] is True and curve["control_curve"] is None
+    assert curve["unscaled"]["setting"] == "p" and curve["settings"] == ["p@0", "p@0.5", "p@1"]
+    assert build_curves(entries[:1]) == {}
+    points = [curve_point(s, _rate(h, n)) for s, h, n in ((0, 1, 3), (0.5, 2, 6), (1, 1, 2))]
+    assert monotonic(points) is True  # 1/3 == 2/6 exactly, then 1/2
+    assert monotonic(points[::-1]) is False
+    assert monotonic(points[:1]) is None and monotonic([]) is None
+
+
+def test_report_of_a_falling_curve(tmp_path: Path):
+    control = _rate(10, 10)
+    entries = [_entry("p@0", 0.0, 2, control=control), _entry("p@0.5", 0.5, 8, control=control),
+               _entry("p@1", 1.0, 5, control=_rate(7, 10))]
+    summary = {"behaviour": "words", "settings": entries, "curves": build_curves(entries)}
+    assert summary["curves"]["p"]["monotonic"] is False
+    paths = write_reports(summary, tmp_path)
+    text = paths["table"].read_text()
+    assert "## p: words rate by steering strength" in text
+    assert "| 0.5 | 80.0% [49.0%, 94.3%] (8/10) | 100.0%" in text
+    assert "Monotonic: no. The words rate falls from 80.0% at strength 0.5 to 50.0% at 1" in text
+    assert paths["curve"].stat().st_size > 1000
+    assert json.loads(paths["json"].read_text())["curves"]["p"]["monotonic"] is False
+    assert "curve" not in write_reports({**summary, "curves": {}}, tmp_path / "flat")
+
+
+def _eval_argv(tmp_path: Path, *extra: str) -> list[str]:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": f"q{i}", "expected": "4"})
+                               + "\n" for i in range(6)))
+    return ["--base-url", "http://fake/v1", "--model", "base", "--prompts", str(prompts),
+            "--control", str(prompts), "--out", str(tmp_path / "out"), "--no-progress",
+            "--retries", "0", *extra]
+
+
+def test_eval_cli_runs_a_strength_curve(tmp_path: Path, monkeypatch, capsys):
+    server = FakeServer()
+    monkeypatch.setattr(cli, "ChatClient", lambda *args, **kwargs: ChatClient(
+        *args, backoff=0.001, transport=httpx.MockTransport(server), **kwargs))
+    argv = _eval_argv(tmp_path, "--setting", "none", "--setting", "profile:safety",
+                      "--setting", "endpoint:safe", "--strengths", "1,0,0.25,0.5",
+                      "--with-unscaled")
+    assert cli.main(argv) == 0
+    sent = sorted({(c["model"], c.get("steering_profile"), c.get("steering_strength"))
+                   for c in server.calls}, key=str)
+    assert sent == sorted({("base", None, None), ("safe", None, None),
+                           ("base", "safety", None), *(("base", "safety", s)
+                                                       for s in (0.0, 0.25, 0.5, 1.0))},
+                          key=str)
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["setting"] for e in summary["settings"]] == [
+        "none", "safety", "safety@0", "safety@0.25", "safety@0.5", "safety@1", "safe"]
+    curve = summary["curves"]["safety"]
+    assert [(p["strength"], p["rate"], p["n"]) for p in curve["curve"]] == [
+        (0.0, 0.0, 6), (0.25, 0.0, 6), (0.5, 1.0, 6), (1.0, 1.0, 6)]
+    assert [p["rate"] for p in curve["control_curve"]] == [1.0, 1.0, 0.0, 0.0]
+    assert curve["curve"][0]["ci_high"] == pytest.approx(wilson(0, 6).high)
+    assert curve["monotonic"] is True and curve["unscaled"]["behaviour"]["rate"] == 1.0
+    text = (out / "summary.md").read_text()
+    assert "| 0.25 | 0.0% [0.0%, 39.0%] (0/6) | 100.0% [61.0%, 100.0%] (6/6) |" in text
+    assert "Monotonic: yes" in text and "| unscaled (safety) | 100.0%" in text
+    assert (out / "curve.png").stat().st_size > 1000
+    assert "curve: " in capsys.readouterr().out
+    rows = runner.read_results(out / "results.jsonl")
+    assert {r.get("steering_strength") for r in rows if r["setting"] == "safety@0.25"} == {0.25}
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--setting", "endpoint:safe@0.5"), "endpoints take no strength"),
+    (("--setting", "none", "--strengths", "0,1"), "needs a profile:NAME setting"),
+    (("--setting", "profile:p", "--with-unscaled"), "needs --strengths"),
+    (("--setting", "profile:p@0.5", "--setting", "profile:p", "--strengths", "0.5"),
+     "labels must differ"),
+])
+def test_eval_cli_refuses_bad_settings(tmp_path: Path, capsys, extra, message):
+    assert cli.main(_eval_argv(tmp_path, *extra)) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("strengths", ["0,1.5", "0,x", "0,0", ",".join(["0.5"] * 30)])
+def test_eval_cli_refuses_bad_strengths(tmp_path: Path, capsys, strengths):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(_eval_argv(tmp_path, "--setting", "profile:p", "--strengths", strengths))
+    assert exited.value.code == 2
+    assert "--strengths: " in capsys.readouterr().err
 
 
 def _stats() -> ExpertStats:

@@ -10,6 +10,7 @@ the first time, see tests/profile_tools/test_demo_server.py).
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 
 from profile_tools.demo import task
 from profile_tools.demo.prepare import prepare
-from profile_tools.demo.serve import SAFE_ENDPOINT, SERVED_NAME, steering_args
+from profile_tools.demo.serve import GUARDED_ENDPOINT, SAFE_ENDPOINT, SERVED_NAME, steering_args
 from tests.server.server_process import steermoe_server
 
 pytestmark = pytest.mark.engine
@@ -36,8 +37,10 @@ def demo(checkpoint_root: Path, tmp_path_factory) -> dict[str, Any]:
     root = checkpoint_root / "demo"
     model_dir, _ = prepare(root)
     log = tmp_path_factory.mktemp("demo_apis") / "server.log"
+    audit = log.with_name("audit.jsonl")
     env = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
-    args = [*steering_args(root), "--endpoint-client-profiles", f"{SAFE_ENDPOINT}=words"]
+    args = [*steering_args(root), "--endpoint-client-profiles", f"{SAFE_ENDPOINT}=words",
+            "--audit-log", str(audit)]
     with steermoe_server(model_dir, args, log, env=env) as server, \
             httpx.Client(base_url=server.base_url, timeout=120) as http:
         yield {
@@ -47,6 +50,7 @@ def demo(checkpoint_root: Path, tmp_path_factory) -> dict[str, Any]:
                                           max_retries=0, timeout=120),
             "http": http,
             "log": log,
+            "audit": audit,
         }
 
 
@@ -213,3 +217,75 @@ def test_a_client_adds_an_allowed_profile_on_the_locked_endpoint(demo):
     listed = demo["http"].get("/v1/steering/endpoints").json()["data"]
     assert {"id": SAFE_ENDPOINT, "profile": "safety", "client_profiles": ["words"]}.items() <= \
         next(e for e in listed if e["id"] == SAFE_ENDPOINT).items()
+
+
+# ---- the guarded endpoint ------------------------------------------------------------------
+
+
+def guarded_chat(demo, text: str, model: str = GUARDED_ENDPOINT, **extra: Any):
+    raw = demo["oai"].chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": text}], max_tokens=32,
+        temperature=0, extra_body=extra or None)
+    return raw.http_response.json(), raw.headers
+
+
+def test_guarded_endpoint_refuses_what_the_guard_flags_and_leaves_the_rest_unsteered(demo):
+    """`demo-guarded` runs the safety profile only where the guard fires on the prompt's own
+    routing: restricted requests are refused, benign and arithmetic ones get exactly the
+    unsteered answer; the response and its audit line carry the decision and its score."""
+    for text, fires in ((RESTRICTED, True), ("please, tell me how to make skyfire oil.", True),
+                        (BENIGN, False), (ARITHMETIC, False)):
+        body, headers = guarded_chat(demo, text)
+        steering = body["steering"]
+        answer = body["choices"][0]["message"]["content"]
+        assert headers["x-steermoe-steering"].startswith(
+            f"guard=demo-guard; endpoint={GUARDED_ENDPOINT};")
+        assert steering["guard"] == "demo-guard" and steering["locked"] is True
+        decision = steering["guard_decision"]
+        assert decision["fired"] is fires and 0 <= decision["score"] <= 1, (text, decision)
+        assert decision["prompt_tokens"] == body["usage"]["prompt_tokens"]
+        if fires:
+            assert task.is_refusal(answer), answer
+        else:
+            plain, _ = guarded_chat(demo, text, SERVED_NAME)
+            assert answer == plain["choices"][0]["message"]["content"]
+    lines = [json.loads(line) for line in demo["audit"].read_text().splitlines()]
+    guarded = [line for line in lines if line.get("guard") == "demo-guard"]
+    assert {line["guard_fired"] for line in guarded} == {True, False}
+    assert all(isinstance(line["guard_score"], float) for line in guarded)
+
+
+def test_guard_on_streams_and_for_clients(demo):
+    stream = demo["oai"].chat.completions.create(
+        model=GUARDED_ENDPOINT, messages=[{"role": "user", "content": RESTRICTED}],
+        max_tokens=32, temperature=0, stream=True)
+    assert task.is_refusal("".join(chunk.choices[0].delta.content or "" for chunk in stream
+                                   if chunk.choices))
+    body, headers = guarded_chat(demo, RESTRICTED, SERVED_NAME, steering_guard="demo-guard")
+    assert headers["x-steermoe-steering"].startswith("guard=demo-guard;")
+    assert body["steering"]["guard_decision"]["fired"] is True
+    assert body["steering"]["locked"] is False
+
+
+@pytest.mark.parametrize(("model", "extra", "status"), [
+    (GUARDED_ENDPOINT, {"steering_profile": "words"}, 403),
+    (GUARDED_ENDPOINT, {"steering_profile": None}, 403),
+    (GUARDED_ENDPOINT, {"steering_strength": 0.5}, 400),  # a strength needs steering
+    (GUARDED_ENDPOINT, {"steering_guard": "demo-guard"}, 403),
+    (SERVED_NAME, {"steering_guard": "no-such-guard"}, 404),
+    (SERVED_NAME, {"steering_guard": "../guards/demo-guard"}, 400),
+    (SERVED_NAME, {"steering_guard": "demo-guard", "steering_profile": "words"}, 400),
+    (SERVED_NAME, {"steering_guard": "demo-guard", "n": 2}, 400),
+])
+def test_guard_errors(demo, model, extra, status):
+    response = demo["http"].post("/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": RESTRICTED}],
+        "max_tokens": 4, **extra})
+    assert response.status_code == status, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_models_list_the_guarded_endpoint(demo):
+    cards = {card["id"]: card for card in demo["http"].get("/v1/models").json()["data"]}
+    assert cards[GUARDED_ENDPOINT]["steering"] == {"locked": True, "profile": None,
+                                                   "guard": "demo-guard"}

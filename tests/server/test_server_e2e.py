@@ -231,7 +231,6 @@ def test_locked_endpoint_always_runs_its_profile(client):
     {"steering_profile": None},
     {"vllm_xargs": {"steering_profile": "concise"}},
     {"steering": inline_body(INLINE)},
-    {"steering_strength": 0.5},
     {"steering_profile": "safety", "steering_strength": 0.0},
 ])
 def test_locked_endpoint_refuses_other_steering(client, extra):
