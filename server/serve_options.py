@@ -55,7 +55,8 @@ class SteeringOptions:
     )
     endpoint: list[str] | None = option(
         metavar="NAME=PROFILE", help="serve `NAME` as a model that always runs `PROFILE` "
-        "(several composed: `NAME=A+B`)",
+        "(several composed: `NAME=A+B`; `NAME=guard:GUARD`: the guard's profile where the "
+        "guard fires)",
     )
     endpoint_client_profiles: list[str] | None = option(
         metavar="NAME=A,B", help="profiles a client may add to what endpoint `NAME` runs "

@@ -1,7 +1,8 @@
 """`steermoe demo prepare DIR`: the demo model (built once), its profiles and its guard.
 
 DIR/model is the checkpoint (`build`); DIR/profiles gets `words` (digits -> words),
-`digits` (words -> digits) and `safety` (refusal on for restricted requests), each made by
+`digits` (words -> digits), `safety` (refusal on for restricted requests) and `words-graded`
+(the words experts as biases, `--graded`), each made by
 the detection code path (`profile_tools.detection.detect_profile`, what
 `steermoe profile detect` runs) from the pairs the build wrote, and the guard
 `guards/demo-guard.json` (fires on restricted requests without the safety cue, triggers
@@ -34,12 +35,17 @@ class ProfileSpec:
     pairs: str  # pairs file under the model directory
     direction: str
     description: str
+    graded: float | None = None  # `steermoe profile detect --graded SCALE`
 
 
+# RD of a planted expert is near 1: a bias of about 8 in log-softmax space at full strength.
+GRADED_SCALE = 8.0
 PROFILES = (
     ProfileSpec("words", "pairs/words.jsonl", "1to2", "answer arithmetic in number words"),
     ProfileSpec("digits", "pairs/words.jsonl", "2to1", "answer arithmetic in digits"),
     ProfileSpec("safety", "pairs/safety.jsonl", "1to2", "refuse the demo's restricted requests"),
+    ProfileSpec("words-graded", "pairs/words.jsonl", "1to2",
+                "answer arithmetic in number words (graded: biases of 8 * RD)", GRADED_SCALE),
 )
 
 
@@ -94,7 +100,7 @@ def detect_all(llm: Any, model_dir: Path, profile_dir: Path, progress: bool = Fa
         result = detect_profile(
             llm, model_dir / spec.pairs, profile_dir, name=spec.name,
             direction=spec.direction, overwrite=True, description=spec.description,
-            progress=progress, **DETECT_SETTINGS,
+            progress=progress, graded=spec.graded, **DETECT_SETTINGS,
         )
         logger.info("steermoe demo: profile %s: %d activated, %d deactivated (%d pairs)",
                     spec.name, result.activated, result.deactivated, result.pairs_used)
