@@ -271,9 +271,10 @@ def _guard_field(value: Any) -> str | None:
 def _strength_field(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    # The range first: a huge int compares exactly, while float() would overflow.
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
         number = float(value)
-        if math.isfinite(number) and 0.0 <= number <= 1.0:
+        if math.isfinite(number):
             return number
     raise SteeringRequestError(f"{STRENGTH_KEY!r} must be a number from 0 to 1",
                                param=STRENGTH_KEY)
@@ -492,7 +493,7 @@ def resolved_from_wire(text: Any) -> ResolvedSteering:
         if not isinstance(data, dict):
             raise ValueError("not an object")
         return ResolvedSteering.from_extra_args(data)
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError):
         raise SteeringRequestError("malformed resolved steering") from None
 
 

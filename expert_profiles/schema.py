@@ -145,8 +145,9 @@ def _normalise_bias(value: Any) -> ExpertBias:
             expert_index = _index_key(expert, f"layer {layer_index}: expert")
             if expert_index in row:
                 raise ValueError(f"layer {layer_index}: expert {expert_index} is listed twice")
+            # |bias| first: a huge int compares exactly, while isfinite() would overflow.
             if not isinstance(bias, (int, float)) or isinstance(bias, bool) \
-                    or not math.isfinite(bias) or abs(bias) > MAX_BIAS:
+                    or not abs(bias) <= MAX_BIAS or not math.isfinite(bias):
                 raise ValueError(f"layer {layer_index}: expert {expert_index}: bias must be a "
                                  f"finite number in [-{MAX_BIAS:g}, {MAX_BIAS:g}]")
             if bias != 0:

@@ -66,6 +66,10 @@ class SteeringMetrics:
             "Profile files that failed to load or do not fit the served model at last scan.",
             multiprocess_mode="max",
         )
+        self.guard_decisions = Counter(
+            "steermoe:guard_decisions", "Guarded requests served, by guard and whether it fired.",
+            ["guard", "fired"],
+        )
         self.admin_operations = Counter(
             "steermoe:admin_operations", "Profile administration requests by operation and status.",
             ["operation", "status"],
@@ -80,6 +84,12 @@ class SteeringMetrics:
             self.prompt_tokens.labels(path, endpoint, profile).inc(prompt_tokens)
         if completion_tokens:
             self.generated_tokens.labels(path, endpoint, profile).inc(completion_tokens)
+
+    def observe_guard(self, guard: str, fired: bool | None) -> None:
+        """Count one guard decision (`fired` "true", "false", or "unknown": none was kept).
+        Guard names come from the operator's guard files: a client cannot mint one."""
+        label = "unknown" if fired is None else ("true" if fired else "false")
+        self.guard_decisions.labels(guard, label).inc()
 
     def observe_admin_operation(self, operation: str, status: int) -> None:
         """Count one `/v1/steering` request; both labels come from bounded sets."""

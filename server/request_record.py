@@ -82,6 +82,9 @@ def record_completion(context: SteeringContext, trace: CompletionTrace, status: 
     if not trace.involves_steering:
         return
     decision, requested, resolved = trace.decision, trace.requested, trace.resolved
+    if decision is not None and decision.guard is not None and trace.error is None \
+            and status < 400:
+        context.metrics.observe_guard(decision.guard, (trace.guard_decision or {}).get("fired"))
     write_audit(context.audit, AuditRecord(
         request_id=_short(editor.response_id, MAX_LOGGED_ID) if editor else None,
         path=trace.path,

@@ -43,6 +43,7 @@ from server import vllm_server_compat as compat
 from server.config import ConfigError, ServerConfig
 from server.context import SteeringContext
 from server.errors import SteeringHTTPError, error_payload
+from server.guard_field import guard_decision
 from server.request_body import parse_json_object
 from server.request_record import RUN_BATCH_PATH, CompletionTrace, record_completion
 from server.response_editor import token_counts
@@ -140,6 +141,9 @@ async def finish_line(context: SteeringContext, line: BatchLine, output: dict[st
     status = status if isinstance(status, int) else 500
     body = response.get("body")
     field_value = steering_field(trace.decision, trace.resolved)
+    if plan.guard_ids and field_value is not None:
+        trace.guard_decision = await guard_decision(engine_client, plan.guard_ids)
+        field_value["guard_decision"] = trace.guard_decision
     output["steering"] = field_value
     if isinstance(body, dict):
         base = context.config.default_name

@@ -104,8 +104,9 @@ def applicable_problem(steering: ResolvedSteering, moe_layers: Sequence[int], nu
 
 
 def _is_number(value: Any, low: float, high: float) -> bool:
+    # The range first: a huge int compares exactly, while isfinite() would overflow.
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value) and low <= value <= high
+        and low <= value <= high and math.isfinite(value)
 
 
 def _graded_problem(steering: ResolvedSteering, held: set[int], num_experts: int) -> str | None:

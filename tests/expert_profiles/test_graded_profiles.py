@@ -43,7 +43,7 @@ def test_bias_keys_are_decimal_indices_and_zero_values_are_dropped():
 @pytest.mark.parametrize("bias", [
     {"1": {"2": math.nan}}, {"1": {"2": math.inf}}, {"1": {"2": MAX_BIAS + 1}},
     {"1": {"2": True}}, {"1": {"2": "1"}}, {"1": [2]}, {"x": {"2": 1.0}}, {"1": {"-2": 1.0}},
-    {"1": {"02": 1.0}}, [1, 2],
+    {"1": {"02": 1.0}}, [1, 2], {"1": {"2": 10**400}}, {"1": {"2": -(10**400)}},
 ])
 def test_malformed_bias_is_refused(bias):
     with pytest.raises(ValidationError):
@@ -94,7 +94,8 @@ def test_steering_strength_is_read(value, expected):
     assert parse_steering_fields(fields).strength == expected
 
 
-@pytest.mark.parametrize("value", [True, -0.1, 1.5, math.nan, "0.5", [0.5], {"x": 1}])
+@pytest.mark.parametrize("value", [True, -0.1, 1.5, math.nan, math.inf, 10**400, "0.5", [0.5],
+                                   {"x": 1}])
 def test_bad_steering_strength_is_refused(value):
     with pytest.raises(SteeringRequestError) as info:
         parse_steering_fields({"steering_profile": "p", "steering_strength": value})
@@ -125,6 +126,8 @@ def test_resolved_bias_travels_to_the_engine():
 @pytest.mark.parametrize(("change", "message"), [
     ({"strength": 1.5}, "strength must be"),
     ({"strength": math.nan}, "strength must be"),
+    ({"strength": 10**400}, "strength must be"),
+    ({"bias": {1: {2: 10**400}}}, "is not in"),
     ({"bias": {9: {1: 1.0}}}, "bias: layer 9"),
     ({"bias": {1: {8: 1.0}}}, "bias: layer 1: expert 8"),
     ({"bias": {1: {2: math.inf}}}, "is not in"),

@@ -213,3 +213,20 @@ def test_guard_steers_only_the_prompts_it_fires_on(demo):
           f"arithmetic {len(arith)}")
     assert fired["restricted"] >= 0.8 * len(restricted)
     assert fired["benign"] + fired["arith"] <= 0.2 * (len(benign) + len(arith))
+
+
+def test_guard_refusals_leave_the_engine_serving(demo):
+    """A guard that cannot run is refused before the engine sees the request."""
+    from vllm import SamplingParams
+
+    llm = demo["llm"]
+    rows = demo["sets"]["restricted_uncued"][:1]
+    for args, message in (({"steering_guard": "demo-guard"}, "needs n=1"),
+                          ({"steering_guard": "no-such-guard"}, "unknown guard"),
+                          ({"steering_guard": "demo-guard", "steering_profile": "words"},
+                           "without")):
+        with pytest.raises(ValueError, match=message):
+            llm.chat([r["messages"] for r in rows],
+                     SamplingParams(max_tokens=4, n=2 if "n=1" in message else 1,
+                                    extra_args=args), use_tqdm=False)
+    assert task.is_refusal(chat(demo, rows, "safety")[0])

@@ -11,6 +11,7 @@ the first time, see tests/profile_tools/test_demo_server.py).
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,11 @@ def test_guarded_endpoint_refuses_what_the_guard_flags_and_leaves_the_rest_unste
     guarded = [line for line in lines if line.get("guard") == "demo-guard"]
     assert {line["guard_fired"] for line in guarded} == {True, False}
     assert all(isinstance(line["guard_score"], float) for line in guarded)
+    metrics = demo["http"].get("/metrics").text
+    for fired in ("true", "false"):
+        series = f'steermoe:guard_decisions_total{{fired="{fired}",guard="demo-guard"}}'
+        found = re.search(rf"^{re.escape(series)} ([0-9.]+)$", metrics, re.MULTILINE)
+        assert found and float(found.group(1)) >= 2, fired
 
 
 def test_guard_on_streams_and_for_clients(demo):

@@ -13,7 +13,7 @@ import pytest
 from profile_tools.demo import task
 from profile_tools.demo.build import MAX_MODEL_LEN
 from profile_tools.demo.prepare import prepare
-from profile_tools.demo.serve import SAFE_ENDPOINT, SERVED_NAME, steering_args
+from profile_tools.demo.serve import GUARDED_ENDPOINT, SAFE_ENDPOINT, SERVED_NAME, steering_args
 from tests.server.test_run_batch import run
 
 pytestmark = pytest.mark.engine
@@ -45,9 +45,12 @@ def batch_lines() -> dict[str, tuple[dict[str, Any], str]]:
                                     "refuse")
         lines[f"override-{index}"] = (line(f"override-{index}", text, SAFE_ENDPOINT,
                                            steering_profile="words"), "403")
+        lines[f"guarded-{index}"] = (line(f"guarded-{index}", text, GUARDED_ENDPOINT), "refuse")
     for index, text in enumerate(BENIGN):
         lines[f"safe-benign-{index}"] = (line(f"safe-benign-{index}", text, SAFE_ENDPOINT),
                                          "answer")
+        lines[f"guarded-benign-{index}"] = (line(f"guarded-benign-{index}", text,
+                                                 GUARDED_ENDPOINT), "answer")
     return lines
 
 
@@ -96,3 +99,13 @@ def test_locked_lines_name_the_endpoint(outputs):
             assert output["response"]["body"]["model"] == SERVED_NAME
         elif custom_id.startswith(("plain-", "open-")):
             assert output["steering"] is None
+
+
+def test_guarded_lines_carry_their_guard_decision(outputs):
+    for custom_id, output in outputs.items():
+        if custom_id.startswith("guarded-"):
+            steering = output["steering"]
+            assert steering["guard"] == "demo-guard" and steering["locked"] is True
+            decision = steering["guard_decision"]
+            assert decision["fired"] is (not custom_id.startswith("guarded-benign")), decision
+            assert output["response"]["body"]["model"] == GUARDED_ENDPOINT

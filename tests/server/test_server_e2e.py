@@ -276,6 +276,11 @@ def test_locked_endpoint_on_other_apis(http):
      "steering_strength"),
     ({"steering": {"bias": {"1": {"2": "big"}}}}, openai.BadRequestError, 400, "steering"),
     ({"steering": {"bias": {"1": {"99": 1.0}}}}, openai.BadRequestError, 400, "steering"),
+    ({"steering": {"bias": {"1": {"2": 10**400}}}}, openai.BadRequestError, 400, "steering"),
+    ({"steering_profile": "safety", "steering_strength": 10**400}, openai.BadRequestError, 400,
+     "steering_strength"),
+    ({"steering_guard": "no-such-guard"}, openai.NotFoundError, 404, "steering_guard"),
+    ({"steering_guard": "../x"}, openai.BadRequestError, 400, "steering_guard"),
     ({"capture_routing": True, "n": 2}, openai.BadRequestError, 400, "capture_routing"),
 ])
 def test_steering_errors(client, base_model, extra, error, status, param):

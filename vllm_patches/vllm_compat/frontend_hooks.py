@@ -95,6 +95,10 @@ class FrontendSteering:
         if steering is not None:
             kept[rs.RESOLVED_KEY] = steering.to_extra_args()
             if steering.guard is not None:  # its decision is fetched under the caller's id
+                if int(getattr(params, "n", 1) or 1) > 1:
+                    raise rs.SteeringRequestError(
+                        "a guard decides per sequence: steering_guard needs n=1",
+                        param=rs.GUARD_KEY)
                 kept[rs.GUARD_ID_KEY] = request.request_id
         digest = steering.digest if steering is not None else None
         if steering is not None and steering.guard is not None:
