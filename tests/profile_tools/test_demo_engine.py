@@ -218,6 +218,7 @@ def test_guard_steers_only_the_prompts_it_fires_on(demo):
 def test_guard_refusals_leave_the_engine_serving(demo):
     """A guard that cannot run is refused before the engine sees the request."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     llm = demo["llm"]
     rows = demo["sets"]["restricted_uncued"][:1]
@@ -225,7 +226,7 @@ def test_guard_refusals_leave_the_engine_serving(demo):
                           ({"steering_guard": "no-such-guard"}, "unknown guard"),
                           ({"steering_guard": "demo-guard", "steering_profile": "words"},
                            "without")):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(VLLMValidationError, match=message):
             llm.chat([r["messages"] for r in rows],
                      SamplingParams(max_tokens=4, n=2 if "n=1" in message else 1,
                                     extra_args=args), use_tqdm=False)
