@@ -85,6 +85,15 @@ class ProfileModel(BaseModel):
 ExpertSets = dict[int, list[int]]
 
 
+def _index_key(key: Any, where: str, noun: str) -> int:
+    """A layer or expert key: an int, or its decimal text (JSON object keys are text)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and re.fullmatch(r"0|[1-9][0-9]{0,8}", key):
+        return int(key)
+    raise ValueError(f"{where} key {_echo(key)} is not a decimal {noun} index")
+
+
 def _normalise_sets(value: Any) -> ExpertSets:
     if value is None:
         return {}
@@ -93,12 +102,7 @@ def _normalise_sets(value: Any) -> ExpertSets:
     out: ExpertSets = {}
     seen: set[int] = set()
     for layer, experts in value.items():
-        if isinstance(layer, int) and not isinstance(layer, bool):
-            layer_index = layer
-        elif isinstance(layer, str) and re.fullmatch(r"0|[1-9][0-9]{0,8}", layer):
-            layer_index = int(layer)
-        else:
-            raise ValueError(f"layer key {_echo(layer)} is not a decimal layer index")
+        layer_index = _index_key(layer, "layer", "layer")
         if layer_index in seen:
             raise ValueError(f"layer {layer_index} is listed twice")
         seen.add(layer_index)
@@ -120,14 +124,6 @@ def _normalise_sets(value: Any) -> ExpertSets:
 ExpertBias = dict[int, dict[int, float]]
 
 
-def _index_key(key: Any, what: str) -> int:
-    if isinstance(key, int) and not isinstance(key, bool):
-        return key
-    if isinstance(key, str) and re.fullmatch(r"0|[1-9][0-9]{0,8}", key):
-        return int(key)
-    raise ValueError(f"{what} key {_echo(key)} is not a decimal index")
-
-
 def _normalise_bias(value: Any) -> ExpertBias:
     if value is None:
         return {}
@@ -135,14 +131,14 @@ def _normalise_bias(value: Any) -> ExpertBias:
         raise ValueError("must be an object mapping layer index to {expert index: bias}")
     out: ExpertBias = {}
     for layer, experts in value.items():
-        layer_index = _index_key(layer, "layer")
+        layer_index = _index_key(layer, "layer", "layer")
         if layer_index in out or layer_index < 0:
             raise ValueError(f"layer {layer_index} is listed twice or negative")
         if not isinstance(experts, dict):
             raise ValueError(f"layer {layer_index}: bias must map expert index to a number")
         row: dict[int, float] = {}
         for expert, bias in experts.items():
-            expert_index = _index_key(expert, f"layer {layer_index}: expert")
+            expert_index = _index_key(expert, f"layer {layer_index}: expert", "expert")
             if expert_index in row:
                 raise ValueError(f"layer {layer_index}: expert {expert_index} is listed twice")
             # |bias| first: a huge int compares exactly, while isfinite() would overflow.
