@@ -98,6 +98,11 @@ def compose(profiles: Sequence[SteeringProfile], default_eps: float) -> ExpertSt
                 if expert not in switched:
                     total = bias.setdefault(layer, {}).get(expert, 0.0) + value
                     bias[layer][expert] = max(-MAX_BIAS, min(MAX_BIAS, total))
+    bias = {layer: row for layer, row in bias.items() if any(row.values())}
+    if not activate and not deactivate and not bias:
+        names = ", ".join(repr(p.name) for p in profiles)
+        raise CompositionConflictError(f"profiles {names} cancel out: their biases sum to zero "
+                                       "and no expert is left to steer")
     any_eps = any(p.eps is not None for p in profiles)
     eps = max(p.eps if p.eps is not None else default_eps for p in profiles) if any_eps else None
     return ExpertSteering(

@@ -10,48 +10,69 @@ with the request, so workers read no guard files. No vLLM import here.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from expert_profiles.guard import GuardFile, prefill_share, sigmoid
 
+# The most weights a guard carried by a request may have (a 1 MiB guard file holds fewer).
+MAX_WEIGHTS = 1 << 20
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class GuardSpec:
-    """Name, MoE layers, weights [layer][expert], intercept and threshold of one guard."""
+    """Name, MoE layers, weights [layer, expert], intercept and threshold of one guard.
+
+    Requests carry the weights as little-endian float64 bytes in base64 (`to_wire`): about a
+    third of their JSON text, and read back without a Python float per weight."""
 
     name: str
     moe_layers: tuple[int, ...]
-    weights: tuple[tuple[float, ...], ...]
+    weights: np.ndarray
     intercept: float
     threshold: float
 
+    def __post_init__(self) -> None:
+        weights = np.array(self.weights, dtype=np.float64)
+        weights.flags.writeable = False
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "moe_layers", tuple(int(layer) for layer in self.moe_layers))
+
     @classmethod
     def from_guard(cls, guard: GuardFile) -> GuardSpec:
-        return cls(guard.name, tuple(guard.moe_layers),
-                   tuple(tuple(float(w) for w in row) for row in guard.weights),
+        return cls(guard.name, tuple(guard.moe_layers), guard.weight_array,
                    float(guard.intercept), float(guard.threshold))
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """A stable hash of what decides (layers, weights, intercept, threshold)."""
-        blob = json.dumps([list(self.moe_layers), self.weights, self.intercept, self.threshold],
-                          separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        head = json.dumps([list(self.moe_layers), list(self.weights.shape), self.intercept,
+                           self.threshold], separators=(",", ":")).encode()
+        return hashlib.sha256(head + self.weights.astype("<f8").tobytes()).hexdigest()[:16]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GuardSpec):
+            return NotImplemented
+        return self.name == other.name and self.digest == other.digest
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.digest))
 
     def score(self, counts: np.ndarray, tokens: int) -> float:
         """The guard's probability for a prompt whose `tokens` counted tokens routed as
         `counts` [MoE layer, expert] (the feature of `guard.prefill_share`)."""
         share = prefill_share(counts, tokens)
-        weights = np.asarray(self.weights, dtype=np.float64)
-        if share.shape != weights.shape:
-            raise ValueError(f"counts have shape {share.shape}, the guard wants {weights.shape}")
-        return sigmoid(float(np.sum(weights * share)) + self.intercept)
+        if share.shape != self.weights.shape:
+            raise ValueError(f"counts have shape {share.shape}, the guard wants "
+                             f"{self.weights.shape}")
+        return sigmoid(float(np.sum(self.weights * share)) + self.intercept)
 
     def fires(self, score: float) -> bool:
         return score >= self.threshold
@@ -61,21 +82,27 @@ class GuardSpec:
         if list(self.moe_layers) != list(moe_layers):
             return f"guard {self.name!r} scores MoE layers {list(self.moe_layers)[:8]}, the " \
                    f"engine has {list(moe_layers)[:8]}"
-        if any(len(row) != num_experts for row in self.weights):
-            return f"guard {self.name!r} does not have {num_experts} weights per layer"
-        values = [self.intercept, self.threshold, *(w for row in self.weights for w in row)]
-        if not all(isinstance(v, float) and math.isfinite(v) for v in values) \
-                or not 0.0 < self.threshold < 1.0:
+        if self.weights.shape != (len(moe_layers), num_experts):
+            return f"guard {self.name!r} does not have {num_experts} weights per MoE layer"
+        finite = bool(np.isfinite(self.weights).all()) and math.isfinite(self.intercept)
+        if not finite or not 0.0 < self.threshold < 1.0:
             return f"guard {self.name!r} has a value that is not finite or a bad threshold"
         return None
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "moe_layers": list(self.moe_layers),
-                "weights": [list(row) for row in self.weights], "intercept": self.intercept,
-                "threshold": self.threshold}
+                "shape": list(self.weights.shape),
+                "weights": base64.b64encode(self.weights.astype("<f8").tobytes()).decode("ascii"),
+                "intercept": self.intercept, "threshold": self.threshold}
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> GuardSpec:
+        rows, cols = (int(n) for n in data["shape"])
+        if not (rows > 0 and cols > 0 and rows * cols <= MAX_WEIGHTS):
+            raise ValueError("guard weights of a bad shape")
+        raw = base64.b64decode(str(data["weights"]), validate=True)
+        if len(raw) != rows * cols * 8:
+            raise ValueError("guard weights do not fill their shape")
+        weights = np.frombuffer(raw, dtype="<f8").reshape(rows, cols)
         return cls(str(data["name"]), tuple(int(layer) for layer in data["moe_layers"]),
-                   tuple(tuple(float(w) for w in row) for row in data["weights"]),
-                   float(data["intercept"]), float(data["threshold"]))
+                   weights, float(data["intercept"]), float(data["threshold"]))

@@ -448,12 +448,18 @@ def resolve_guard(profiles: ProfileCache, name: str, shape: ModelShape,
     """The guard `name` with the steering of its profile, checked against the served shape:
     409 `profile_model_mismatch` if the guard or its profile is for another model."""
     guard = profiles.get_guard(name)
+    return resolve_guard_file(guard, profiles.get(guard.profile), shape, eps)
+
+
+def resolve_guard_file(guard: GuardFile, profile: SteeringProfile, shape: ModelShape,
+                       eps: float) -> ResolvedSteering:
+    """A loaded guard with its loaded profile (`resolve_guard`, for callers that read them
+    once already), checked against the served shape."""
     try:
         guard.check_model(shape)
     except ProfileMismatchError as exc:
         raise SteeringRequestError(str(exc), status=409, code="profile_model_mismatch") from None
-    return guarded(resolve_profile(profiles.get(guard.profile), shape, eps),
-                   GuardSpec.from_guard(guard))
+    return guarded(resolve_profile(profile, shape, eps), GuardSpec.from_guard(guard))
 
 
 def resolve_inline(inline: dict[str, Any], shape: ModelShape, eps: float) -> ResolvedSteering:

@@ -129,6 +129,12 @@ def endpoint_guard(locked: str) -> str | None:
     return locked.removeprefix(GUARD_PREFIX) if locked.startswith(GUARD_PREFIX) else None
 
 
+def locked_steering(locked: str) -> str:
+    """A locked endpoint's steering in words: `steering profile 'A+B'` or `guard 'G'`."""
+    guard = endpoint_guard(locked)
+    return f"guard '{guard}'" if guard is not None else f"steering profile '{locked}'"
+
+
 def locked_card(locked: str) -> dict[str, Any]:
     """How a locked endpoint describes its steering: `{"locked", "profile"}`, and `"guard"`
     (with no profile of its own) for a guarded one."""

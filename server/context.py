@@ -79,7 +79,10 @@ class SteeringContext:
                  rs.PROFILE_KEY if decision.profile is not None else rs.INLINE_KEY)
         try:
             shape = rs.require_steerable(shape, reason)
-            if decision.guard is not None:
+            if decision.guard is not None and decision.loaded_guard is not None:
+                resolved = rs.resolve_guard_file(decision.loaded_guard, decision.loaded[0],
+                                                 shape, model.eps)
+            elif decision.guard is not None:  # a locked endpoint's guard: read here, once
                 resolved = rs.resolve_guard(self.profiles, decision.guard, shape, model.eps)
             elif decision.profile is not None:
                 profiles = decision.loaded or self.policy.load_profiles(decision.profile)

@@ -11,7 +11,8 @@ logger = logging.getLogger("steermoe.server")
 
 
 async def guard_decision(engine_client: Any, request_ids: tuple[str, ...]) -> dict[str, Any] | None:
-    """{"guard", "fired", "score", "prompt_tokens"} of a finished guarded request, under any of
+    """{"guard", "fired", "score", "prompt_tokens"} (and "error" when the guard could not decide:
+    `fired` is then null and the profile applied) of a finished guarded request, under any of
     the engine request ids it may have run as; None if the engine kept none (it never
     finished its prompt, or the engine is gone). Taking it removes it from the engine."""
     if engine_client is None or not request_ids:
@@ -24,6 +25,6 @@ async def guard_decision(engine_client: Any, request_ids: tuple[str, ...]) -> di
     for request_id in request_ids:
         decision = decisions.get(request_id)
         if isinstance(decision, dict):
-            return {key: decision.get(key) for key in ("guard", "fired", "score",
-                                                       "prompt_tokens")}
+            fields = ("guard", "fired", "score", "prompt_tokens", "error")
+            return {key: decision[key] for key in fields if key in decision}
     return None

@@ -11,6 +11,7 @@ from typing import Any
 
 from expert_profiles.composition import SEPARATOR, composed_name, split_names
 from expert_profiles.echo import clip
+from expert_profiles.guard import GuardFile
 from expert_profiles.request_steering import (
     CAPTURE_KEY,
     GUARD_KEY,
@@ -41,9 +42,11 @@ class SteeringDecision:
     strength: float | None = None
     # A guard: steering with its profile only if the guard fires on the prompt.
     guard: str | None = None
-    # The profiles as the policy read them (one, or the parts of a composition `A+B`):
-    # resolution uses these objects, never a later read. Empty: not read yet (locked endpoints).
+    # The profiles as the policy read them (one, or the parts of a composition `A+B`, or a
+    # guard's profile): resolution uses these objects, never a later read. Empty: not read yet
+    # (locked endpoints).
     loaded: tuple[SteeringProfile, ...] = field(default=(), compare=False, repr=False)
+    loaded_guard: GuardFile | None = field(default=None, compare=False, repr=False)
 
     @property
     def steered(self) -> bool:
@@ -105,10 +108,11 @@ class SteeringPolicy:
         except SteeringRequestError:
             return ()
 
-    def guard_profile(self, name: str) -> SteeringProfile:
-        """The profile guard `name` triggers; SteeringHTTPError (404, 400, 500) otherwise."""
+    def load_guard(self, name: str) -> tuple[GuardFile, SteeringProfile]:
+        """Guard `name` and the profile it triggers; SteeringHTTPError (404, 400, 500)."""
         try:
-            return self.profiles.get(self.profiles.get_guard(name).profile)
+            guard = self.profiles.get_guard(name)
+            return guard, self.profiles.get(guard.profile)
         except SteeringRequestError as exc:
             raise as_http_error(exc, GUARD_KEY) from None
 
@@ -154,13 +158,14 @@ class SteeringPolicy:
             return SteeringDecision(endpoint, inline=requested.inline, capture=requested.capture,
                                     strength=requested.strength)
         if requested.guard is not None:
-            profile = self.guard_profile(requested.guard)
+            guard, profile = self.load_guard(requested.guard)
             if not self.client_may_select(profile):
                 raise SteeringHTTPError(
                     403, f"guard {requested.guard!r} steers with profile {profile.name!r}, which "
                     "is not available to clients on this server", param=GUARD_KEY)
             return SteeringDecision(endpoint, guard=requested.guard, capture=requested.capture,
-                                    strength=requested.strength)
+                                    strength=requested.strength, loaded=(profile,),
+                                    loaded_guard=guard)
         if requested.profile is None:
             return SteeringDecision(endpoint, capture=requested.capture)
         profiles = self.load_profiles(requested.profile)
@@ -178,10 +183,11 @@ class SteeringPolicy:
                 requested: RequestedSteering) -> SteeringDecision:
         """A locked endpoint runs its profile (or composition); a request may add the profiles
         the operator allows there (`--endpoint-client-profiles`), nothing else."""
-        if requested.inline is not None:
+        if requested.inline is not None or requested.guard is not None:
             raise SteeringHTTPError(
                 403, f"endpoint {endpoint!r} always runs steering profile {profile!r}; "
-                "inline steering is not accepted here", param=INLINE_KEY,
+                f"{'inline steering' if requested.inline is not None else 'a guard'} is not "
+                "accepted here", param=INLINE_KEY if requested.inline is not None else GUARD_KEY,
             )
         locked = split_names(profile)
         names = set(locked)

@@ -189,6 +189,9 @@ def guard_problem(path_kind: str, body: dict[str, Any]) -> str | None:
     """Why a guard cannot decide for this body (one sequence), or None."""
     if (body.get("n") or 1) != 1 or (body.get("best_of") or 1) != 1:
         return "a guard decides per sequence: steering_guard needs n=1"
+    if path_kind == "responses" and body.get("background"):
+        return "steering_guard is not available with background (its decision is reported in "\
+               "the response)"
     if path_kind == "chat_batch":
         conversations = body.get("messages")
         if not isinstance(conversations, list) or len(conversations) != 1:

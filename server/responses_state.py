@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from expert_profiles.request_steering import RequestedSteering
-from server.config import ServerConfig
+from server.config import ServerConfig, locked_steering
 from server.errors import SteeringHTTPError, clip
 
 MAX_RESPONSES = 65536
@@ -122,11 +122,11 @@ def continued(config: ServerConfig, previous_id: str, previous: StoredSteering,
             body["model"] = previous.endpoint
             return previous.endpoint, requested
         if model != previous.endpoint:
-            profile = config.endpoints.get(previous.endpoint)
             raise SteeringHTTPError(
                 403, f"response '{clip(previous_id)}' was created on endpoint "
-                f"'{clip(previous.endpoint)}', which always runs steering profile "
-                f"'{profile}'; continue it on '{clip(previous.endpoint)}'", param="model",
+                f"'{clip(previous.endpoint)}', which always runs "
+                f"{locked_steering(config.endpoints.get(previous.endpoint, ''))}; continue it "
+                f"on '{clip(previous.endpoint)}'", param="model",
             )
         return model, requested
     endpoint = model if isinstance(model, str) else None

@@ -45,6 +45,12 @@ ExtraArgsOf = Callable[[str], dict[str, Any] | None]
 PromptLenOf = Callable[[str], int]
 
 
+def _failed(guard: GuardSpec) -> dict[str, Any]:
+    """The decision of a guard that could not decide: its profile applies (fail closed)."""
+    return {"guard": guard.name, "fired": None, "score": None,
+            "error": "the guard could not decide; its profile applies"}
+
+
 @dataclass
 class _Guarded:
     """A guarded request while its prompt is computed: its prompt routing counted so far."""
@@ -55,6 +61,7 @@ class _Guarded:
     counts: np.ndarray
     decision_id: str  # the id its decision is kept under (the caller's request id)
     tokens: int = 0
+    counted_until: int = 0  # prompt positions below this are counted (preemption recomputes)
 
 
 @dataclass
@@ -186,7 +193,9 @@ class EngineSteering:
         # Guarded requests: undecided (prompt being computed), and decided (what they run).
         self._guarded: dict[str, _Guarded] = {}
         self._decided: dict[str, ResolvedSteering | None] = {}
-        self._guard_step: list[tuple[str, int, int, bool]] = []
+        # Decided guarded requests whose prompt stays unsteered if it is computed again.
+        self._steer_from: dict[str, int] = {}
+        self._guard_step: list[tuple[str, int, int, int]] = []
         self.guard_decisions = GuardDecisions()
 
     def layer_hook(self, layer: int, layer_name: str | None = None) -> LayerSteering:
@@ -205,6 +214,7 @@ class EngineSteering:
         for req_id in ids:
             self._guarded.pop(req_id, None)
             self._decided.pop(req_id, None)
+            self._steer_from.pop(req_id, None)
             capture_id = self._capture_ids.pop(req_id, None)
             if capture_id is not None and self._capture_owner.get(capture_id) == req_id:
                 del self._capture_owner[capture_id]
@@ -240,7 +250,8 @@ class EngineSteering:
     def _steering(self, req_id: str, extra_args_of: ExtraArgsOf,
                   prompt_len_of: PromptLenOf | None) -> ResolvedSteering | None:
         """What a request runs with now: a guarded request is unsteered until its guard has
-        decided, then the guard's steering if it fired. Never raises."""
+        decided, then the guard's steering if it fired. A guard that cannot run or fails
+        applies its steering (fail closed). Never raises."""
         if req_id in self._decided:
             return self._decided[req_id]
         steering = steering_of(extra_args_of(req_id), req_id)
@@ -255,15 +266,17 @@ class EngineSteering:
                 problem, prompt_len = f"{type(exc).__name__}: {exc}", 0
             if problem is None and prompt_len <= 0:
                 problem = "the prompt length is unknown here"
-            if problem is not None:
-                logger.error("steermoe: request '%s' runs unsteered: its guard cannot run in "
-                             "this engine (%s)", clip(req_id), clip(problem, 200))
-                self._decided[req_id] = None
-                return None
-            counts = np.zeros((len(self.layers), self.layers[0].num_experts), dtype=np.int64)
             args = extra_args_of(req_id) or {}
+            decision_id = str(args.get(GUARD_ID_KEY, req_id))
+            if problem is not None:
+                logger.error("steermoe: the guard of request '%s' cannot run in this engine "
+                             "(%s); its profile applies", clip(req_id), clip(problem, 200))
+                self._decided[req_id] = replace(steering, guard=None)
+                self.guard_decisions.put(decision_id, _failed(guard))
+                return self._decided[req_id]
+            counts = np.zeros((len(self.layers), self.layers[0].num_experts), dtype=np.int64)
             self._guarded[req_id] = _Guarded(guard, replace(steering, guard=None), prompt_len,
-                                             counts, str(args.get(GUARD_ID_KEY, req_id)))
+                                             counts, decision_id)
         return None
 
     def prepare_step(
@@ -276,7 +289,8 @@ class EngineSteering:
     ) -> None:
         """Before the forward pass: per-token steering and what to record."""
         plan = StepPlan(list(req_ids), num_tokens, first_positions)
-        self.table.prepare_step(plan, lambda r: self._steering(r, extra_args_of, prompt_len_of))
+        self.table.prepare_step(plan, lambda r: self._steering(r, extra_args_of, prompt_len_of),
+                                self._steer_from)
         entries = []
         self._guard_step = []
         start = 0
@@ -285,11 +299,11 @@ class EngineSteering:
             if capture_id is not None and count > 0:
                 entries.append((capture_id, start, int(count), int(first)))
             guarded = self._guarded.get(req_id)
-            if guarded is not None:
-                in_prompt = min(int(first) + int(count), guarded.prompt_len) - int(first)
-                if in_prompt > 0:
-                    done = int(first) + int(count) >= guarded.prompt_len
-                    self._guard_step.append((req_id, start, in_prompt, done))
+            if guarded is not None:  # count each prompt position once (preemption recomputes)
+                low = max(int(first), guarded.counted_until)
+                high = min(int(first) + int(count), guarded.prompt_len)
+                if high > low:
+                    self._guard_step.append((req_id, start + low - int(first), high - low, high))
             start += int(count)
         self.recorder.plan_step(entries)
         self.flags.steering_active = self.table.steering_active
@@ -304,7 +318,7 @@ class EngineSteering:
         ids = self.recorder.buffer[:, :total].cpu().numpy()  # [layers, tokens, k]
         num_experts = self.layers[0].num_experts
         offsets = (np.arange(ids.shape[0]) * num_experts)[:, None, None]
-        for req_id, start, count, done in step:
+        for req_id, start, count, until in step:
             guarded = self._guarded.get(req_id)
             if guarded is None:
                 continue
@@ -314,22 +328,24 @@ class EngineSteering:
                 guarded.counts += np.bincount(flat, minlength=guarded.counts.size).reshape(
                     guarded.counts.shape)
                 guarded.tokens += count
-                if done:
+                guarded.counted_until = until
+                if until >= guarded.prompt_len:
                     score = guarded.guard.score(guarded.counts, guarded.tokens)
                     fired = guarded.guard.fires(score)
                     self._decide(req_id, guarded, guarded.steering if fired else None,
                                  {"guard": guarded.guard.name, "fired": fired,
                                   "score": round(score, 6), "prompt_tokens": guarded.tokens})
             except Exception as exc:  # one request's guard must not fail the step
-                logger.error("steermoe: the guard of request '%s' failed; it runs unsteered "
+                logger.error("steermoe: the guard of request '%s' failed; its profile applies "
                              "(%s)", clip(req_id), clip(f"{type(exc).__name__}: {exc}", 200))
-                self._decide(req_id, guarded, None, {"guard": guarded.guard.name, "fired": False,
-                                            "score": None, "error": "the guard failed"})
+                self._decide(req_id, guarded, guarded.steering, _failed(guarded.guard))
 
     def _decide(self, req_id: str, guarded: _Guarded, steering: ResolvedSteering | None,
                 decision: dict[str, Any]) -> None:
         self._guarded.pop(req_id, None)
         self._decided[req_id] = steering
+        if steering is not None:
+            self._steer_from[req_id] = guarded.prompt_len
         self.table.forget([req_id])
         self.guard_decisions.put(guarded.decision_id, decision)
 

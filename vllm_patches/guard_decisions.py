@@ -1,9 +1,11 @@
 """Guard decisions: what each guarded request's guard decided, kept in the workers until fetched.
 
 A guarded request (`expert_profiles.guard_spec`) is scored in the worker after its prompt; the
-decision (`{"guard", "fired", "score", "prompt_tokens"}`) is kept under the engine request id
-until `fetch_guard_decisions` takes it (or it is dropped, oldest first, beyond
-`STEERMOE_CAPTURE_KEEP` decisions). Tensor-parallel ranks decide alike; the first answer wins.
+decision (`{"guard", "fired", "score", "prompt_tokens"}`, or with "error" and `fired` None when
+the guard could not decide and its profile applied) is kept under the caller's request id (the
+id the front end saw, `request_steering.GUARD_ID_KEY`) until `fetch_guard_decisions` takes it
+(or it is dropped, oldest first, beyond `STEERMOE_CAPTURE_KEEP` decisions). Tensor-parallel
+ranks decide alike; the first answer wins.
 """
 
 from __future__ import annotations
@@ -29,9 +31,6 @@ class GuardDecisions:
         self._kept[req_id] = decision
         while len(self._kept) > self._keep:
             del self._kept[next(iter(self._kept))]
-
-    def drop(self, req_id: str) -> None:
-        self._kept.pop(req_id, None)
 
     def take(self, req_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         return {req_id: self._kept.pop(req_id) for req_id in req_ids if req_id in self._kept}

@@ -287,12 +287,15 @@ class SteeringTable:
     # ---- steps -------------------------------------------------------------------------
 
     def prepare_step(
-        self, plan: StepPlan, steering_of: Callable[[str], ResolvedSteering | None]
+        self, plan: StepPlan, steering_of: Callable[[str], ResolvedSteering | None],
+        steer_from: dict[str, int] | None = None,
     ) -> None:
         """Fill token_profiles for this step; tokens past the step's tokens read 0.
 
         `steering_of` is asked once per request (until `forget`); a request whose steering
         is malformed or cannot be applied here runs unsteered, with an error logged.
+        `steer_from`: requests whose tokens before a position stay unsteered (a guarded
+        request's prompt, recomputed after preemption, is computed as it was the first time).
         """
         steerings = [self._resolve(req_id, steering_of) for req_id in plan.req_ids]
         # Every scheduled request is resolved first, so no slot in use this step is reused.
@@ -306,11 +309,23 @@ class SteeringTable:
         end = max(total, self._written_until)
         if self.steering_active:
             staging[:total] = np.repeat(np.asarray(slots, dtype=np.int32), plan.num_tokens)
+            if steer_from:
+                self._unsteer_before(staging, plan, steer_from)
         else:
             staging[:total] = 0
         staging[total:end] = 0
         self.token_profiles[:end].copy_(self._staging[:end], non_blocking=True)
         self._written_until = total if self.steering_active else 0
+
+    @staticmethod
+    def _unsteer_before(staging: np.ndarray, plan: StepPlan, steer_from: dict[str, int]) -> None:
+        start = 0
+        for req_id, count, first in zip(plan.req_ids, plan.num_tokens, plan.first_positions,
+                                        strict=True):
+            position = steer_from.get(req_id)
+            if position is not None and first < position:
+                staging[start:start + min(int(count), position - int(first))] = NOT_STEERED
+            start += int(count)
 
     def layer_masks(self, layer: int) -> torch.Tensor:
         """The [slots, experts] mask table of one decoder layer."""

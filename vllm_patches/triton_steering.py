@@ -1,6 +1,7 @@
 """The SteerMoE router-logit edit as one Triton kernel (one program per token row).
 
-Same contract as `steering_math.steer_router_logits`, bit for bit:
+Same contract as `steering_math.steer_router_logits` (bit for bit for on/off steering; graded
+values to one rounding, see below):
 
 * rows whose profile is 0 are copied unchanged;
 * a steered row's max / min over its first E columns are taken in float32 from the original

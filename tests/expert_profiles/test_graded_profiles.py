@@ -163,3 +163,17 @@ def test_a_step_reads_the_graded_tables_only_with_a_graded_request():
                         np.zeros(len(scheduled), dtype=np.int64))
         table.prepare_step(plan, steerings.get)
         assert table.steering_active and table.graded_active is graded, scheduled
+
+
+def test_profiles_whose_biases_cancel_out_are_a_conflict():
+    from expert_profiles.composition import CompositionConflictError
+    from expert_profiles.request_steering import resolve_profiles
+
+    up, down = profile("up", bias={"1": {"3": 1.0}}), profile("down", bias={"1": {"3": -1.0}})
+    with pytest.raises(CompositionConflictError, match="cancel out"):
+        compose([up, down], 0.01)
+    with pytest.raises(SteeringRequestError) as info:
+        resolve_profiles([up, down], SHAPE, 0.01)
+    assert info.value.status == 409 and info.value.code == "steering_conflict"
+    kept = compose([up, down, profile("x", bias={"2": {"1": 0.5}})], 0.01)
+    assert kept.bias == {2: {1: 0.5}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,9 @@ class FrontendSteering:
         digest = steering.digest if steering is not None else None
         if steering is not None and steering.guard is not None:
             # A guard scores the routing of every prompt token: none may come from the prefix
-            # cache, so a guarded request shares no KV blocks with any other request.
-            digest = f"{digest}:{request.request_id}"
+            # cache, so a guarded request shares no KV blocks with any other request (a fresh
+            # nonce: two requests may carry the same caller-chosen id).
+            digest = f"{digest}:{uuid.uuid4().hex}"
         request.cache_salt = rs.salted(request.cache_salt, digest)
         if params is not None and extra:
             params.extra_args = kept or None
