@@ -278,6 +278,7 @@ def test_guard_on_streams_and_for_clients(demo):
     (GUARDED_ENDPOINT, {"steering_profile": None}, 403),
     (GUARDED_ENDPOINT, {"steering_strength": 0.5}, 400),  # a strength needs steering
     (GUARDED_ENDPOINT, {"steering_guard": "demo-guard"}, 403),
+    (SAFE_ENDPOINT, {"steering_guard": "demo-guard"}, 403),
     (SERVED_NAME, {"steering_guard": "no-such-guard"}, 404),
     (SERVED_NAME, {"steering_guard": "../guards/demo-guard"}, 400),
     (SERVED_NAME, {"steering_guard": "demo-guard", "steering_profile": "words"}, 400),
@@ -295,3 +296,11 @@ def test_models_list_the_guarded_endpoint(demo):
     cards = {card["id"]: card for card in demo["http"].get("/v1/models").json()["data"]}
     assert cards[GUARDED_ENDPOINT]["steering"] == {"locked": True, "profile": None,
                                                    "guard": "demo-guard"}
+
+
+def test_guard_refused_with_background_responses(demo):
+    response = demo["http"].post("/v1/responses", json={
+        "model": SERVED_NAME, "input": RESTRICTED, "max_output_tokens": 4, "background": True,
+        "steering_guard": "demo-guard"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "steering_guard"

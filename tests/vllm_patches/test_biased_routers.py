@@ -169,3 +169,26 @@ def test_two_profiles_in_one_step_each_get_their_own_forcing(steered_layer):
     ids = ids.cpu()
     assert ((ids[:8] == 5).any(1) & (ids[:8] == 6).any(1)).all()
     assert not torch.isin(ids[8:16], torch.tensor([9, 0, 1])).any()
+
+
+def test_graded_rows_are_routed_by_the_model_on_the_edited_logits(steered_layer):
+    """Only full-strength switches are forced: a row at strength < 1, or with a bias only, is
+    the router's own routing of its edited logits (correction bias included)."""
+    from dataclasses import replace
+
+    from vllm_patches.steering_math import steer_router_logits
+
+    engine, hook, router = steered_layer
+    switched = ResolvedSteering("p", "d1", {LAYER: [5]}, {LAYER: [9]}, 0.01)
+    graded = [replace(switched, digest="d2", strength=0.5),
+              ResolvedSteering("b", "d3", {}, {}, 0.01, bias={LAYER: {5: 3.0}})]
+    tokens = 16
+    logits = _logits(2 * tokens, 3, router)
+    _steer(engine, graded, tokens)
+    weights, ids = _route(hook, router, logits)
+    table = engine.table
+    edited = steer_router_logits(logits, table.token_profiles, table.layer_masks(LAYER),
+                                 table.eps, table.layer_bias(LAYER), table.strength)
+    engine.flags.steering_active = False  # the router's own routing, no re-route
+    want_w, want_ids = router._compute_routing(_hidden(2 * tokens, router), edited, None)
+    assert torch.equal(ids, want_ids) and torch.equal(weights, want_w)
