@@ -50,7 +50,9 @@ PROMPTS = {
     "profile_a": PREFIX + " a dragon that",
     "profile_b": PREFIX + " a lighthouse that",
     "inline": PREFIX + " a king who",
+    "graded": PREFIX + " a ship that",
 }
+GRADED_STRENGTH = 0.6
 
 
 def _steerings(layers: list[int]) -> dict[str, dict[str, dict[int, list[int]]]]:
@@ -60,12 +62,43 @@ def _steerings(layers: list[int]) -> dict[str, dict[str, dict[int, list[int]]]]:
         "profile_a": {"activate": {first: [0], last: [7]}, "deactivate": {first: [1, 2]}},
         "profile_b": {"activate": {layers[1]: [3], layers[2]: [4]}, "deactivate": {last: [5]}},
         "inline": {"activate": {last: [2, 6]}, "deactivate": {layers[2]: [0]}},
+        # graded, in layers of both stages
+        "graded": {"activate": {first: [3]}, "deactivate": {},
+                   "bias": {layers[1]: {1: 2.0}, last: {5: -1.5, 0: 1.0}}},
     }
 
 
-def _json_sets(sets: dict[str, dict[int, list[int]]]) -> dict[str, Any]:
-    return {kind: {str(layer): experts for layer, experts in sets[kind].items()}
-            for kind in ("activate", "deactivate")}
+def _json_sets(sets: dict[str, Any]) -> dict[str, Any]:
+    out = {kind: {str(layer): experts for layer, experts in sets[kind].items()}
+           for kind in ("activate", "deactivate")}
+    if "bias" in sets:
+        out["bias"] = {str(layer): {str(e): v for e, v in row.items()}
+                       for layer, row in sets["bias"].items()}
+    return out
+
+
+def _guard_file(profiles: Path, model: dict[str, Any], layers: list[int]) -> None:
+    """guards/g.json: fires on every prompt (weights 0, intercept 5), profile `profile-a`."""
+    from expert_profiles.guard import GuardFile, save_guard
+
+    save_guard(profiles, GuardFile(
+        name="g", model=model, moe_layers=layers, profile="profile-a", intercept=5.0,
+        threshold=0.5, weights=[[0.0] * model["num_experts"] for _ in layers]))
+
+
+def _guarded(llm: Any, layout: dict[str, Any]) -> dict[str, Any]:
+    """A guarded request: its decision, or why the front end refused it."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_patches.guard_decisions import fetch_guard_decisions
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, extra_args={"steering_guard": "g"})
+    try:
+        output = llm.generate([PROMPTS["plain"]], params, use_tqdm=False)[0]
+    except VLLMValidationError as exc:
+        return {"refused": str(exc)}
+    return fetch_guard_decisions(llm, [output.request_id])
 
 
 def _run_layout(checkpoint: Path, profiles: Path, layout: dict[str, Any],
@@ -79,6 +112,8 @@ def _run_layout(checkpoint: Path, profiles: Path, layout: dict[str, Any],
         "profile_a": {"steering_profile": "profile-a"},
         "profile_b": {"steering_profile": "profile-b"},
         "inline": {"steering": _json_sets(steerings["inline"])},
+        "graded": {"steering": _json_sets(steerings["graded"]),
+                   "steering_strength": GRADED_STRENGTH},
     }
     params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
                              extra_args={"capture_routing": True, **extra[name]})
@@ -105,7 +140,8 @@ def _run_layout(checkpoint: Path, profiles: Path, layout: dict[str, Any],
                                          if i in a["records"]}} for a in answers],
             })
         info = dict(front.engine_info() or {})
-    return {"rounds": rounds, "info": info}
+        guard = _guarded(llm, layout)
+    return {"rounds": rounds, "info": info, "guard": guard}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -121,6 +157,7 @@ def parallel_runs(request, build_tiny, tmp_path_factory) -> dict[str, Any]:
         profile = {"format": "steermoe-profile/1", "name": name.replace("_", "-"),
                    "model": model, **_json_sets(steerings[name])}
         (profiles / f"{profile['name']}.json").write_text(json.dumps(profile))
+    _guard_file(profiles, model, shape["moe_layers"])
     compiled = {"enforce_eager": False} if family in COMPILED_FAMILIES else {}
     runs = {name: _run_layout(checkpoint, profiles, {**layout, **compiled}, steerings)
             for name, layout in LAYOUTS.items()}
@@ -222,3 +259,12 @@ def test_pipeline_stages_hold_and_record_their_own_layers(parallel_runs):
     assert run["info"]["moe_layers"] == layers
     assert run["info"]["stage_layers"] == stages
     assert set(parallel_runs["steerings"]["inline"]["activate"]) <= set(stages[1])
+
+
+def test_guards_run_in_one_worker_or_across_tensor_parallel_ranks_but_not_pipeline_stages(
+        parallel_runs):
+    runs = parallel_runs["runs"]
+    for layout in ("single", "tp2"):
+        (decision,) = runs[layout]["guard"].values()
+        assert decision["fired"] is True and decision["guard"] == "g", (layout, decision)
+    assert "pipeline stages" in runs["pp2"]["guard"]["refused"]

@@ -132,6 +132,11 @@ class FrontendSteering:
                                          shape.top_k)
             if problem is None and steering.guard is not None:
                 problem = steering.guard.problem(list(shape.moe_layers), shape.num_experts)
+                stages = [layers for layers in (self.engine_info() or {}).get("stage_layers", [])
+                          if layers]
+                if problem is None and len(stages) > 1:
+                    problem = ("a guard needs every MoE layer in one worker; this engine splits "
+                               "them over pipeline stages")
             if problem is not None:
                 raise rs.SteeringRequestError(f"steering cannot be applied: {problem}")
         return steering
