@@ -155,7 +155,9 @@ class ProfileDirectory:
 
 
 def load_profile_dir(directory: str | Path) -> ProfileDirectory:
-    """Load every `*.json` profile in `directory`; bad files are reported and skipped.
+    """Load every `*.json` profile in `directory`; bad files are reported and skipped. Hidden
+    files (`.name.json`, such as the demo's `.prepared.json`) are not profiles: a profile name
+    starts with a letter or digit.
 
     Errors are keyed by file name; a directory that cannot be listed is reported under its
     path (the caller configured it; no file name applies).
@@ -166,7 +168,7 @@ def load_profile_dir(directory: str | Path) -> ProfileDirectory:
         result.errors[str(directory)] = "profile directory does not exist"
         return result
     try:
-        paths = sorted(directory.glob("*.json"))
+        paths = sorted(p for p in directory.glob("*.json") if not p.name.startswith("."))
     except OSError as exc:
         logger.error("steermoe: cannot list the profile directory %s: %s", directory, exc)
         result.errors[str(directory)] = f"cannot list the profile directory: {os_reason(exc)}"

@@ -447,3 +447,9 @@ def test_an_os_error_is_reported_by_its_reason_not_its_text(tmp_path, monkeypatc
     with pytest.raises(ProfileFileError) as info:
         load_profile_file(path)
     assert str(info.value) == "locked.json: cannot read: Permission denied"
+
+
+def test_hidden_json_files_are_not_profiles(tmp_path):
+    (tmp_path / ".prepared.json").write_text('{"model": {}}')
+    loaded = load_profile_dir(tmp_path)
+    assert not loaded.errors and not loaded.profiles
