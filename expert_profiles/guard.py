@@ -123,6 +123,16 @@ def prefill_share(counts: np.ndarray, tokens: int) -> np.ndarray:
     return counts.astype(np.float64) / float(tokens)
 
 
+def guard_logit(weights: np.ndarray, intercept: float, counts: np.ndarray,
+                tokens: int) -> float:
+    """sum(weights * prefill_share(counts, tokens)) + intercept, in float64: the one scoring
+    rule of a guard file and of the engine (`guard_spec.GuardSpec`)."""
+    share = prefill_share(counts, tokens)
+    if share.shape != weights.shape:
+        raise ValueError(f"counts have shape {share.shape}, the guard wants {weights.shape}")
+    return float(np.sum(weights * share)) + intercept
+
+
 def sigmoid(z: float) -> float:
     """1 / (1 + e^-z) without overflow."""
     if z >= 0:
@@ -210,11 +220,7 @@ class GuardFile(BaseModel):
 
     def logit(self, counts: np.ndarray, tokens: int) -> float:
         """sum(weights * prefill_share(counts, tokens)) + intercept, in float64."""
-        share = prefill_share(counts, tokens)
-        if share.shape != self.weight_array.shape:
-            raise ValueError(f"counts have shape {share.shape}, the guard wants "
-                             f"{self.weight_array.shape}")
-        return float(np.sum(self.weight_array * share)) + self.intercept
+        return guard_logit(self.weight_array, self.intercept, counts, tokens)
 
     def score(self, counts: np.ndarray, tokens: int) -> float:
         """The probability that the guard should fire for a prompt of `tokens` tokens whose

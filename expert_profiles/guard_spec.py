@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from expert_profiles.guard import GuardFile, prefill_share, sigmoid
+from expert_profiles.guard import GuardFile, guard_logit, sigmoid
 
 # The most weights a guard carried by a request may have (a 1 MiB guard file holds fewer).
 MAX_WEIGHTS = 1 << 20
@@ -68,11 +68,7 @@ class GuardSpec:
     def score(self, counts: np.ndarray, tokens: int) -> float:
         """The guard's probability for a prompt whose `tokens` counted tokens routed as
         `counts` [MoE layer, expert] (the feature of `guard.prefill_share`)."""
-        share = prefill_share(counts, tokens)
-        if share.shape != self.weights.shape:
-            raise ValueError(f"counts have shape {share.shape}, the guard wants "
-                             f"{self.weights.shape}")
-        return sigmoid(float(np.sum(self.weights * share)) + self.intercept)
+        return sigmoid(guard_logit(self.weights, self.intercept, counts, tokens))
 
     def fires(self, score: float) -> bool:
         return score >= self.threshold

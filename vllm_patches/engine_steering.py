@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from expert_profiles.echo import clip
+from expert_profiles.guard import count_routed_experts
 from expert_profiles.guard_spec import GuardSpec
 from expert_profiles.request_steering import (
     CAPTURE_ID_KEY,
@@ -254,7 +255,8 @@ class EngineSteering:
         applies its steering (fail closed). Never raises."""
         if req_id in self._decided:
             return self._decided[req_id]
-        steering = steering_of(extra_args_of(req_id), req_id)
+        args = extra_args_of(req_id)
+        steering = steering_of(args, req_id)
         if steering is None or steering.guard is None:
             return steering
         guard = steering.guard
@@ -266,8 +268,7 @@ class EngineSteering:
                 problem, prompt_len = f"{type(exc).__name__}: {exc}", 0
             if problem is None and prompt_len <= 0:
                 problem = "the prompt length is unknown here"
-            args = extra_args_of(req_id) or {}
-            decision_id = str(args.get(GUARD_ID_KEY, req_id))
+            decision_id = str((args or {}).get(GUARD_ID_KEY, req_id))
             if problem is not None:
                 logger.error("steermoe: the guard of request '%s' cannot run in this engine "
                              "(%s); its profile applies", clip(req_id), clip(problem, 200))
@@ -315,18 +316,15 @@ class EngineSteering:
         those whose prompt is complete (their next steps resolve again: `table.forget`)."""
         step, self._guard_step = self._guard_step, []
         total = max(start + count for _, start, count, _ in step)
-        ids = self.recorder.buffer[:, :total].cpu().numpy()  # [layers, tokens, k]
+        # [tokens, layers, k], as a routing capture holds them
+        ids = self.recorder.buffer[:, :total].cpu().numpy().transpose(1, 0, 2)
         num_experts = self.layers[0].num_experts
-        offsets = (np.arange(ids.shape[0]) * num_experts)[:, None, None]
         for req_id, start, count, until in step:
             guarded = self._guarded.get(req_id)
             if guarded is None:
                 continue
             try:
-                rows = ids[:, start:start + count]
-                flat = (offsets + rows).ravel()
-                guarded.counts += np.bincount(flat, minlength=guarded.counts.size).reshape(
-                    guarded.counts.shape)
+                guarded.counts += count_routed_experts(ids, start, start + count, num_experts)
                 guarded.tokens += count
                 guarded.counted_until = until
                 if until >= guarded.prompt_len:
