@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from vllm_patches.steering_math import ACTIVATE, DEACTIVATE, effective_eps
+from vllm_patches.steering_math import effective_eps, graded_values, row_strength
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 2 * finfo(dtype).eps, a power of two, so multiplying by it in fp32 is exact (as in torch).
@@ -146,14 +146,7 @@ def steered_logits_fp32(
     masks = torch.where(steered, masks, torch.zeros_like(masks))
     bias = (torch.where(steered, layer_bias[profiles].float(), 0.0) if layer_bias is not None
             else torch.zeros_like(z))
-    lam = (strength[profiles].float() if strength is not None
-           else torch.ones(num_tokens, device=z.device)).unsqueeze(1)
-    full = lam == 1.0
-    high = torch.where(full, high, (1.0 - lam) * z + lam * high)
-    low = torch.where(full, low, (1.0 - lam) * z + lam * low)
-    graded = torch.where(masks == ACTIVATE, high,
-                         torch.where(masks == DEACTIVATE, low, z + lam * bias))
-    touched = (masks != 0) | (bias != 0)
+    graded, touched = graded_values(z, masks, high, low, bias, row_strength(profiles, strength))
     edited = torch.where(touched, graded.to(dtype).float(), z)
     if num_experts == x.shape[1]:
         return edited

@@ -68,18 +68,31 @@ def _steered_rows(
     if layer_bias is None and strength is None:
         edited = torch.where(masks == ACTIVATE, high, torch.where(masks == DEACTIVATE, low, z))
         return rows, torch.where(masks != 0, edited.to(router_logits.dtype), original)
-    lam = (strength[profiles].float() if strength is not None
-           else torch.ones(len(rows), device=z.device)).unsqueeze(1)
-    bias = (layer_bias[profiles].float() if layer_bias is not None
-            else torch.zeros_like(z))
-    keep = 1.0 - lam
+    bias = layer_bias[profiles].float() if layer_bias is not None else torch.zeros_like(z)
+    edited, touched = graded_values(z, masks, high, low, bias, row_strength(profiles, strength))
+    return rows, torch.where(touched, edited.to(router_logits.dtype), original)
+
+
+def row_strength(profiles: torch.Tensor, strength: torch.Tensor | None) -> torch.Tensor:
+    """[R, 1] float32: each row's strength (1 without a strength table)."""
+    if strength is None:
+        return torch.ones(len(profiles), 1, device=profiles.device)
+    return strength[profiles].float().unsqueeze(1)
+
+
+def graded_values(z: torch.Tensor, masks: torch.Tensor, high: torch.Tensor, low: torch.Tensor,
+                  bias: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(edited values, touched entries) of float32 rows z [R, E]: activated entries move to
+    (1 - lam) * z + lam * high, deactivated ones toward low, biased ones to z + lam * bias
+    (`high`, `low`, `lam`: [R, 1]; exactly `high` / `low` at lam = 1). The one definition of
+    graded steering in torch; the Triton kernels write the same per element."""
     full = lam == 1.0
+    keep = 1.0 - lam
     high = torch.where(full, high, keep * z + lam * high)
     low = torch.where(full, low, keep * z + lam * low)
     edited = torch.where(masks == ACTIVATE, high,
                          torch.where(masks == DEACTIVATE, low, z + lam * bias))
-    touched = (masks != 0) | (bias != 0)
-    return rows, torch.where(touched, edited.to(router_logits.dtype), original)
+    return edited, (masks != 0) | (bias != 0)
 
 
 def steer_router_logits(
