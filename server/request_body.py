@@ -161,45 +161,44 @@ def capture_problem(path_kind: str, body: dict[str, Any]) -> str | None:
 
     `path_kind` is an API kind of `vllm_server_compat` (`chat`, `completions`, `responses`,
     `messages`, `chat_batch`, `invocations`, `batch_line`)."""
-    if path_kind == "invocations":  # vLLM runs it as a chat completion if it validates as one
-        path_kind = "chat" if "messages" in body else "completions"
     if body.get("stream"):
-        return "capture_routing is available for non-streaming requests only"
-    if (body.get("n") or 1) != 1 or (body.get("best_of") or 1) != 1:
-        return "capture_routing needs n=1"
+        return f"{CAPTURE_KEY} is available for non-streaming requests only"
     if body.get("use_beam_search"):
-        return "capture_routing is not available with beam search"
-    if path_kind == "responses" and body.get("background"):
-        return "capture_routing is not available with background"
-    if path_kind == "chat_batch":
-        conversations = body.get("messages")
-        if not isinstance(conversations, list) or len(conversations) != 1:
-            return "capture_routing needs a single conversation"
-    if path_kind == "completions":
-        prompt = body.get("prompt")
-        if body.get("prompt_embeds") is not None:
-            return "capture_routing is not available with prompt_embeds"
-        several = isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int)
-        if several:
-            return "capture_routing needs a single prompt"
-    return None
+        return f"{CAPTURE_KEY} is not available with beam search"
+    if _completion_kind(path_kind, body) == "completions" \
+            and body.get("prompt_embeds") is not None:
+        return f"{CAPTURE_KEY} is not available with prompt_embeds"
+    return _one_sequence_problem(CAPTURE_KEY, path_kind, body)
 
 
 def guard_problem(path_kind: str, body: dict[str, Any]) -> str | None:
-    """Why a guard cannot decide for this body (one sequence), or None."""
+    """Why a guard cannot decide for this body (one sequence; its decision is reported in the
+    response, so not in the background), or None."""
+    return _one_sequence_problem(GUARD_KEY, path_kind, body)
+
+
+def _completion_kind(path_kind: str, body: dict[str, Any]) -> str:
+    """`invocations` runs as a chat completion if it validates as one, else as a completion."""
+    if path_kind == "invocations":
+        return "chat" if "messages" in body else "completions"
+    return path_kind
+
+
+def _one_sequence_problem(field: str, path_kind: str, body: dict[str, Any]) -> str | None:
+    """Why `field` (reported per sequence, in the response) cannot be served for this body."""
+    path_kind = _completion_kind(path_kind, body)
     if (body.get("n") or 1) != 1 or (body.get("best_of") or 1) != 1:
-        return "a guard decides per sequence: steering_guard needs n=1"
+        return f"{field} needs n=1"
     if path_kind == "responses" and body.get("background"):
-        return "steering_guard is not available with background (its decision is reported in "\
-               "the response)"
+        return f"{field} is not available with background"
     if path_kind == "chat_batch":
         conversations = body.get("messages")
         if not isinstance(conversations, list) or len(conversations) != 1:
-            return "steering_guard needs a single conversation"
-    if path_kind in ("completions", "invocations") and body.get("prompt") is not None:
+            return f"{field} needs a single conversation"
+    if path_kind == "completions":
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
-            return "steering_guard needs a single prompt"
+            return f"{field} needs a single prompt"
     return None
 
 
