@@ -56,8 +56,6 @@ from expert_profiles.guard import (
     GuardFile,
     GuardFileError,
     GuardNotFoundError,
-    guard_path,
-    load_guard,
 )
 from expert_profiles.guard_spec import GuardSpec
 from expert_profiles.model_shape import ModelShape
@@ -316,7 +314,6 @@ class ProfileCache:
 
     def __init__(self, directory: str | Path | None):
         self.store = ProfileStore(directory) if directory else None
-        self._guards: dict[str, tuple[tuple[Any, ...], GuardFile]] = {}
 
     @property
     def directory(self) -> Path | None:
@@ -350,24 +347,12 @@ class ProfileCache:
         if self.store is None:
             raise UnknownGuardError(f"unknown guard {name!r}: no profile directory is "
                                     f"configured (set {PROFILE_DIR_ENV})")
-        path = guard_path(self.store.directory, name)
         try:
-            stat = path.stat()
-            signature: tuple[Any, ...] | None = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        except OSError:
-            signature = None
-        cached = self._guards.get(name)
-        if signature is not None and cached is not None and cached[0] == signature:
-            return cached[1]
-        try:
-            guard = load_guard(self.store.directory, name)
+            return self.store.get_guard_cached(name)
         except GuardNotFoundError:
             raise UnknownGuardError(f"unknown guard {name!r}") from None
         except GuardFileError as exc:
             raise SteeringRequestError(f"{exc}", status=500, code="guard_invalid") from None
-        if signature is not None:
-            self._guards[name] = (signature, guard)
-        return guard
 
     def get_all(self, names: str) -> tuple[SteeringProfile, ...]:
         """The profiles of a profile name or a composition `A+B` (`get` for each)."""

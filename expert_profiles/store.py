@@ -19,15 +19,19 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from expert_profiles.atomic_files import write_atomic
 from expert_profiles.directory import ProfileFileError, load_profile_dir, load_profile_file
 from expert_profiles.expert_stats import ExpertStats
+from expert_profiles.guard import GuardFile, guard_path, load_guard
 from expert_profiles.model_shape import ModelShape
 from expert_profiles.schema import ProfileMismatchError, SteeringProfile, is_profile_name
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROFILE_SUFFIX = ".json"
 STATS_SUFFIX = ".stats.csv"
@@ -81,8 +85,9 @@ class ProfileStore:
         self.directory = Path(directory)
         if create:
             self.directory.mkdir(parents=True, exist_ok=True)
-        # `get_cached`: name -> (identity of the file read, the profile read from it).
-        self._cache: dict[str, tuple[tuple[int, ...], SteeringProfile]] = {}
+        # `get_cached` / `get_guard_cached`: (kind, name) -> (identity of the file read, what
+        # was read from it).
+        self._cache: dict[tuple[str, str], tuple[tuple[int, ...], Any]] = {}
         self._cache_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -141,26 +146,45 @@ class ProfileStore:
 
         Unlike `get`, anything at the name that leads to no file (a dangling link too) is
         ProfileNotFoundError; ProfileFileError if the file is unusable (not cached)."""
+        def missing() -> SteeringProfile:
+            raise self._not_found(name)
+
         path = self.profile_path(name)
+        return self._read_cached(("profile", name), path, lambda: load_profile_file(path),
+                                 missing)
+
+    def get_guard_cached(self, name: str) -> GuardFile:
+        """The guard `name` (`guards/NAME.json`, `guard.load_guard`), cached as `get_cached`
+        caches profiles: GuardNotFoundError or GuardFileError as `load_guard` raises them."""
+        def load() -> GuardFile:
+            return load_guard(self.directory, name)
+
+        return self._read_cached(("guard", name), guard_path(self.directory, name), load, load)
+
+    def _read_cached(self, key: tuple[str, str], path: Path, load: Callable[[], T],
+                     missing: Callable[[], T]) -> T:
+        """What `load` read from `path` before while the file is unchanged (same inode,
+        modification and change times and size), else `load` again (thread-safe); `missing`
+        when nothing at `path` leads to a file. A failing `load` is not cached."""
         try:
             info = path.stat()
         except FileNotFoundError:
             with self._cache_lock:
-                self._cache.pop(name, None)
-            raise self._not_found(name) from None
+                self._cache.pop(key, None)
+            return missing()
         except OSError:  # a link loop, no permission: reading it says why
             info = None
-        key = None if info is None else (
+        identity = None if info is None else (
             info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size)
         with self._cache_lock:
-            cached = self._cache.get(name)
-        if key is not None and cached is not None and cached[0] == key:
+            cached = self._cache.get(key)
+        if identity is not None and cached is not None and cached[0] == identity:
             return cached[1]
-        profile = load_profile_file(path)
-        if key is not None:
+        value = load()
+        if identity is not None:
             with self._cache_lock:
-                self._cache[name] = (key, profile)
-        return profile
+                self._cache[key] = (identity, value)
+        return value
 
     def _not_found(self, name: str) -> ProfileNotFoundError:
         return ProfileNotFoundError(f"no profile {name!r} in the profile directory",
