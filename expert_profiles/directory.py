@@ -26,12 +26,14 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from expert_profiles.schema import SteeringProfile, describe_validation_error
 
 logger = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 MAX_PROFILE_BYTES = 1 << 20  # 1 MiB
 _READ_CHUNK = 64 * 1024
@@ -124,20 +126,26 @@ def parse_profile_json(name: str, data: bytes) -> object:
         raise ProfileFileError(f"{name}: not valid JSON: {reason}") from None
 
 
+def load_model_file(path: Path, model: type[M], root: str) -> M:
+    """Read, parse and validate one JSON file as `model` (read as the module docstring says);
+    every failure is a ProfileFileError `FILE: problem`, `root` naming the document."""
+    data = parse_profile_json(path.name, read_profile_bytes(path))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = describe_validation_error(exc, root)
+        raise ProfileFileError(f"{path.name}: {problems}") from None
+    except RecursionError:
+        raise ProfileFileError(f"{path.name}: {root}: nested too deeply") from None
+
+
 def load_profile_file(path: str | Path) -> SteeringProfile:
     """Parse and validate one profile file; its `name` must equal the file name's stem.
 
     See the module docstring for what is read and how; every failure is a ProfileFileError.
     """
     path = Path(path)
-    data = parse_profile_json(path.name, read_profile_bytes(path))
-    try:
-        profile = SteeringProfile.model_validate(data)
-    except ValidationError as exc:
-        problems = describe_validation_error(exc, "profile")
-        raise ProfileFileError(f"{path.name}: {problems}") from None
-    except RecursionError:
-        raise ProfileFileError(f"{path.name}: profile: nested too deeply") from None
+    profile = load_model_file(path, SteeringProfile, "profile")
     if profile.name != path.stem:
         raise ProfileFileError(
             f"{path.name}: the profile is named {profile.name!r}; the file must be "

@@ -16,7 +16,7 @@ of the prompt's tokens whose top-k in layer l contains e (`prefill_share`). The 
 
 Guards live beside the profiles they trigger, as `PROFILE_DIR/guards/NAME.json` (profile
 loaders list `PROFILE_DIR/*.json` only, so they never take a guard for a profile). They are
-read as profile files are (`directory.read_profile_bytes`: regular files only, symbolic links
+read as profile files are (`directory.load_model_file`: regular files only, symbolic links
 followed, at most `MAX_PROFILE_BYTES`), written atomically, and every error names the guard,
 never a path.
 
@@ -36,17 +36,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from expert_profiles.atomic_files import write_atomic
-from expert_profiles.directory import ProfileFileError, parse_profile_json, read_profile_bytes
+from expert_profiles.directory import ProfileFileError, load_model_file
 from expert_profiles.model_shape import ModelShape
 from expert_profiles.schema import (
     MAX_SOURCE_DEPTH,
     NAME_PATTERN,
     ProfileMismatchError,
     ProfileModel,
-    describe_validation_error,
     is_profile_name,
 )
 
@@ -300,17 +299,10 @@ def load_guard(profile_dir: str | Path, name: str) -> GuardFile:
     except OSError:
         pass  # there may be something; reading it says what is wrong
     try:
-        data = parse_profile_json(path.name, read_profile_bytes(path))
+        guard = load_model_file(path, GuardFile, "guard")
     except ProfileFileError as exc:
         reason = str(exc).removeprefix(f"{path.name}: ")
         raise GuardFileError(f"guard {name!r}: {reason}") from None
-    try:
-        guard = GuardFile.model_validate(data)
-    except ValidationError as exc:
-        problems = describe_validation_error(exc, "guard")
-        raise GuardFileError(f"guard {name!r}: {problems}") from None
-    except RecursionError:
-        raise GuardFileError(f"guard {name!r}: nested too deeply") from None
     if guard.name != name:
         raise GuardFileError(f"guard {name!r}: the file names the guard {guard.name!r}")
     return guard
