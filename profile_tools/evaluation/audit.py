@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from profile_tools.evaluation.charts import pyplot
 from profile_tools.evaluation.judges import Judge, rule_judge
 from profile_tools.evaluation.prompts import PromptItem, PromptSetError, load_prompts
 from profile_tools.evaluation.stats import wilson
@@ -122,11 +123,7 @@ def summary_text(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["steps"]
     table = ["| N | deactivated | activated | refusal rate (95% CI) |", "|---|---|---|---|"]
     for r in rows:

@@ -8,6 +8,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from profile_tools.evaluation.charts import finish, pyplot
+
 Point = dict[str, Any]
 
 
@@ -123,14 +125,9 @@ def _series(points: Sequence[Point], dodge: float = 0.0,
 def curve_chart(summary: dict[str, Any], path: Path, title: str = "") -> Path:
     """Behaviour rate vs strength with 95% CI bars, one line per profile; control accuracy
     dashed in the same colour (lines nudged sideways a little so their bars do not overlap)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     behaviour = summary["behaviour"]
     curves = list(summary["curves"].values())
-    figure, axes = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    figure, axes = pyplot().subplots(figsize=(6.4, 3.8), dpi=100)
     for index, curve in enumerate(curves):
         colour = f"C{index % 10}"
         dodge = 0.012 * (2 * index - len(curves) + 0.5)  # error bars side by side
@@ -145,10 +142,4 @@ def curve_chart(summary: dict[str, Any], path: Path, title: str = "") -> Path:
     axes.set_xlim(-0.05, 1.05)
     axes.set_ylim(-0.02, 1.05)
     axes.set_xlabel("steering strength")
-    axes.set_ylabel("rate (95% Wilson CI)")
-    axes.set_title(title or f"{behaviour} by steering strength")
-    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return finish(figure, axes, path, title or f"{behaviour} by steering strength")

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from profile_tools.evaluation.charts import finish, pyplot
 from profile_tools.evaluation.curves import build_curves, curve_chart, curves_markdown
 from profile_tools.evaluation.runner import Setting
 from profile_tools.evaluation.stats import Rate, wilson
@@ -74,16 +75,12 @@ def _errorbars(entries: list[dict[str, Any] | None]) -> tuple[list[float], list[
 
 def chart(summary: dict[str, Any], path: Path, title: str = "") -> Path:
     """Grouped bars: behaviour rate and control accuracy per setting, with 95% CIs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [e["setting"] for e in summary["settings"]]
     positions = list(range(len(labels)))
     has_control = any(e["control_accuracy"] for e in summary["settings"])
     width = 0.38 if has_control else 0.6
-    figure, axes = plt.subplots(figsize=(max(4.0, 1.3 * len(labels) + 1.5), 3.4), dpi=100)
+    figure, axes = pyplot().subplots(figsize=(max(4.0, 1.3 * len(labels) + 1.5), 3.4),
+                                     dpi=100)
     values, errors = _errorbars([e["behaviour"] for e in summary["settings"]])
     shift = -width / 2 if has_control else 0.0
     axes.bar([p + shift for p in positions], values, width, yerr=errors, capsize=3,
@@ -94,13 +91,7 @@ def chart(summary: dict[str, Any], path: Path, title: str = "") -> Path:
                  label="control accuracy", color="#4c72b0")
     axes.set_xticks(positions, labels)
     axes.set_ylim(0, 1.05)
-    axes.set_ylabel("rate (95% Wilson CI)")
-    axes.set_title(title or f"{summary['behaviour']} by steering setting")
-    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return finish(figure, axes, path, title or f"{summary['behaviour']} by steering setting")
 
 
 def write_reports(summary: dict[str, Any], out_dir: Path, title: str = "") -> dict[str, Path]:
